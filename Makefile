@@ -1,0 +1,39 @@
+# contimg-supervisor: `make demo` runs the main job, `make test` runs the whole test suite.
+# Both create (or reuse) .venv in the repository root and install everything into it.
+
+SHELL := /bin/bash
+VENV := .venv
+# The first of python3.12, python3.11, python3 that actually runs and is >= 3.11
+# (on pyenv machines python3.12 may be a shim that fails unless selected).
+PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
+	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then \
+	echo $$p; break; fi; done)
+STAMP := $(VENV)/.installed
+DEMO_WORKSPACE ?= demo-workspace
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: need Python >= 3.11 (python3.12, python3.11 or python3)"; exit 2; }
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_WORKSPACE)
+	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) simulate $(DEMO_WORKSPACE)/incoming --groups 4 --calibrator 3C48
+	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) db upgrade
+	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) ingest --once
+	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) status
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_WORKSPACE) .pytest_cache

@@ -1,0 +1,316 @@
+"""Load, merge and validate the configuration: embedded default, an optional file, CONTIMG_ env.
+
+The schema is a tree of frozen dataclasses; each field's metadata says what values are
+allowed, so one generic validator produces messages that name the key, the value and the
+rule. Unknown keys (in files or in ``CONTIMG_<SECTION>__<KEY>`` variables) are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.toml"
+DEFAULT_CATALOGUE_PATH = REPO_ROOT / "config" / "calibrators.toml"
+ENV_PREFIX = "CONTIMG_"
+# Variables with this prefix that are not key overrides; everything else with a "__" is one.
+NON_OVERRIDE_ENV = {"CONTIMG_WORKSPACE", "CONTIMG_CONFIG"}
+
+
+def _rule(
+    *,
+    min: float | None = None,  # noqa: A002 - reads best at the call sites
+    max: float | None = None,  # noqa: A002
+    exclusive_min: bool = False,
+    choices: tuple[str, ...] | None = None,
+    help: str = "",  # noqa: A002
+) -> dict[str, Any]:
+    return {
+        "min": min,
+        "max": max,
+        "exclusive_min": exclusive_min,
+        "choices": choices,
+        "help": help,
+    }
+
+
+def _field(default: Any, **rule: Any) -> Any:
+    return field(default=default, metadata=_rule(**rule))
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Directories; relative ones resolve under the workspace."""
+
+    incoming: str = _field("incoming", help="raw UVH5 landing directory (read-only to us)")
+    products: str = _field("products", help="Measurement Sets, tables, images")
+    staging: str = _field("staging", help="per-attempt staging areas")
+    tmpfs_staging: str = _field("", help="tmpfs staging directory, empty to disable")
+    state: str = _field("state", help="state database and generated files")
+    logs: str = _field("logs", help="log directory")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = _field("", help="SQLAlchemy URL; empty means SQLite under paths.state")
+    busy_timeout_ms: int = _field(30000, min=0, help="SQLite busy timeout in milliseconds")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    poll_interval_s: float = _field(10.0, min=0, exclusive_min=True)
+    stability_interval_s: float = _field(1.0, min=0)
+    group_tolerance_s: float = _field(60.0, min=0, exclusive_min=True, max=150)
+    group_deadline_s: float = _field(900.0, min=0, exclusive_min=True)
+    subbands_per_group: int = _field(16, min=1, max=16)
+
+
+@dataclass(frozen=True)
+class TelescopeConfig:
+    name: str = _field("DSA-110")
+    casa_name: str = _field("OVRO_MMA", help="a telescope name CASA's Observatories table knows")
+    latitude_deg: float = _field(37.2339, min=-90, max=90)
+    longitude_deg: float = _field(-118.2825, min=-180, max=180)
+    altitude_m: float = _field(1222.0)
+    dish_diameter_m: float = _field(4.65, min=0, exclusive_min=True)
+    sefd_jy: float = _field(6500.0, min=0, exclusive_min=True)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    catalogue: str = _field("", help="calibrator catalogue TOML; empty: the shipped one")
+    max_dec_offset_deg: float = _field(1.5, min=0, exclusive_min=True, max=10)
+    validity_hours: float = _field(12.0, min=0, exclusive_min=True)
+
+
+@dataclass(frozen=True)
+class CasaConfig:
+    python: str = _field("", help="casa6 interpreter for stage workers; empty: this one")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _field("info", choices=("debug", "info", "warning", "error"))
+    format: str = _field("json", choices=("json", "console"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, with relative paths already resolved under ``workspace``."""
+
+    workspace: str = _field("", help="base directory for relative paths")
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    telescope: TelescopeConfig = field(default_factory=TelescopeConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    casa: CasaConfig = field(default_factory=CasaConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # Resolved locations -------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """An absolute directory from ``[paths]`` (``""`` stays empty: a disabled path)."""
+        raw = getattr(self.paths, name)
+        if not raw:
+            return Path()
+        p = Path(raw).expanduser()
+        return p if p.is_absolute() else Path(self.workspace) / p
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.path("incoming")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path("state")
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.state_dir / 'contimg.sqlite3'}"
+
+    @property
+    def calibrator_catalogue_path(self) -> Path:
+        if not self.calibration.catalogue:
+            return DEFAULT_CATALOGUE_PATH
+        p = Path(self.calibration.catalogue).expanduser()
+        return p if p.is_absolute() else Path(self.workspace) / p
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Loading ----------------------------------------------------------------------------
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such configuration file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(environ: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    """``CONTIMG_SECTION__KEY=value`` → ``{section: {key: "value"}}`` (strings, typed later)."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in NON_OVERRIDE_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if "__" not in rest:
+            problems.append(
+                f"environment variable {name}: not a setting this program reads "
+                f"(overrides are CONTIMG_<SECTION>__<KEY>; also read: "
+                f"{', '.join(sorted(NON_OVERRIDE_ENV))})"
+            )
+            continue
+        section, key = rest.split("__", 1)
+        out.setdefault(section, {})[key] = _EnvString(value, name)
+    return out
+
+
+class _EnvString(str):
+    """A string from the environment, remembering its variable name for messages."""
+
+    source: str
+
+    def __new__(cls, value: str, source: str) -> _EnvString:
+        obj = super().__new__(cls, value)
+        obj.source = source
+        return obj
+
+
+def _coerce(key: str, value: Any, typ: type, meta: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """Convert and check one value; return (value, problem or None)."""
+    shown = f"{value!r}" + (f" (from {value.source})" if isinstance(value, _EnvString) else "")
+    if typ is bool:
+        if isinstance(value, _EnvString):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True, None
+            if low in ("0", "false", "no", "off"):
+                return False, None
+        if isinstance(value, bool):
+            return value, None
+        return value, f"{key} = {shown}: must be true or false"
+    if typ in (int, float):
+        if isinstance(value, bool):
+            return value, f"{key} = {shown}: must be a number, not a boolean"
+        try:
+            if isinstance(value, str):
+                number = typ(value.strip())
+            elif typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            else:
+                number = typ(value)
+        except (TypeError, ValueError):
+            kind = "a whole number" if typ is int else "a number"
+            return value, f"{key} = {shown}: must be {kind}"
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and (number <= lo if meta.get("exclusive_min") else number < lo):
+            op = ">" if meta.get("exclusive_min") else ">="
+            return value, f"{key} = {shown}: must be {op} {lo}" + (
+                f" and <= {hi}" if hi is not None else ""
+            )
+        if hi is not None and number > hi:
+            return value, f"{key} = {shown}: must be <= {hi}"
+        return number, None
+    if typ is str:
+        if not isinstance(value, str):
+            return value, f"{key} = {shown}: must be a string"
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            return value, f"{key} = {shown}: must be one of {', '.join(choices)}"
+        return str(value), None
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            allowed = ", ".join(sorted(fields))
+            problems.append(f"{full}: unknown key{hint}; allowed here: {allowed}")
+    kwargs: dict[str, Any] = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        typ = _resolve_type(hints[name])
+        value = data[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, Mapping):
+                problems.append(f"{prefix}{name}: must be a table ([{prefix}{name}])")
+                continue
+            kwargs[name] = _build(typ, value, f"{prefix}{name}.", problems)
+        else:
+            coerced, problem = _coerce(f"{prefix}{name}", value, typ, f.metadata)
+            if problem:
+                problems.append(problem)
+            else:
+                kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _resolve_type(annotation: Any) -> type:
+    if isinstance(annotation, str):
+        if annotation in _TYPES:
+            return _TYPES[annotation]
+        return globals()[annotation]
+    return annotation
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    workspace: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load the embedded default, merge ``path`` and the environment, validate everything.
+
+    Raises :class:`ConfigError` listing every problem found (not just the first).
+    Workspace precedence: ``workspace`` argument, ``CONTIMG_WORKSPACE``, the file's
+    ``workspace`` key, then the current directory.
+    """
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    data = _read_toml(DEFAULT_CONFIG_PATH)
+    if path is None and env.get("CONTIMG_CONFIG"):
+        path = env["CONTIMG_CONFIG"]
+    if path is not None:
+        data = _merge(data, _read_toml(Path(path)))
+    data = _merge(data, _env_overrides(env, problems))
+    cfg = _build(Config, data, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    ws = workspace or env.get("CONTIMG_WORKSPACE") or cfg.workspace or os.getcwd()
+    return dataclasses.replace(cfg, workspace=str(Path(ws).expanduser().resolve()))

@@ -1,0 +1,544 @@
+"""Write DSA-110-shaped synthetic groups of UVH5 subbands with a known sky, gains and noise.
+
+A night of ``n_groups`` consecutive 309 s groups observed in meridian drift-scan mode at a
+fixed pointing declination. Each group is 16 files ``YYYY-MM-DDTHH:MM:SS_sbNN.hdf5`` (sb00
+holds the highest frequencies; channels descend inside each file, as the correlator writes
+them) with per-file name-timestamp jitter. The sky is a set of point sources: an optional
+catalogue calibrator that transits in chosen groups, plus fainter field sources. Every
+visibility is corrupted by per-antenna complex gains (constant for the night, with a slow
+phase drift) times a bandpass (ripple and delay), and thermal noise from the radiometer
+equation. ``truth/<group_id>.json`` and ``.npz`` record what was injected.
+
+Conventions (pyuvdata): ``V_ij = g_i conj(g_j) V_sky + n`` with ``ant_1 = i``, ``ant_2 = j``
+and ``b_ij = x_j - x_i``. pyuvdata's ``write_ms`` conjugates the data into CASA's
+convention, so CASA's gaincal solutions equal ``conj(g)``: the truth file stores both.
+
+Simplification: only sources within ``field_radius_deg`` of a group's phase centre are
+simulated (apparent flux = catalogue flux x a Gaussian primary beam); far sidelobes of
+sources outside the field are not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from supervisor.calibrators import Calibrator, angular_separation_deg, load_catalogue, lst_deg
+
+C_M_S = 299_792_458.0
+INTEGRATION_S = 96 * 0.134217728  # 12.884901888 s, one DSA-110 integration
+BAND_LOW_HZ = 1311.25e6
+BAND_HIGH_HZ = 1498.75e6
+N_SUBBANDS = 16
+PB_FWHM_FACTOR = 1.03  # primary beam FWHM = 1.03 lambda / D (Airy main lobe)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A deliberate defect in one subband file of one group, for tests.
+
+    kind: ``drop`` (file not written), ``truncate`` (cut to half its size), ``duplicate``
+    (a second file for the same subband, 5 s later in its name), ``garbage`` (random
+    bytes instead of HDF5).
+    """
+
+    kind: str
+    group_index: int
+    subband: int
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """What to simulate. Times UTC; angles in degrees; fluxes in Jy at 1.4 GHz."""
+
+    n_groups: int = 1
+    start: datetime | None = None  # first group's nominal start; None: derived (see below)
+    n_antennas: int = 8
+    n_channels_per_subband: int = 4
+    n_times: int = 24
+    dec_deg: float | None = None  # None: the calibrator's dec, else 33.0
+    calibrator: str | None = None  # transits in group ``calibrator_group``
+    calibrator_group: int = 0
+    n_field_sources: int = 3
+    field_radius_deg: float = 0.25
+    sefd_jy: float = 6500.0
+    jitter_s: int = 30  # name timestamps of sb01..15 lie within +-jitter_s of sb00's
+    phase: str = "meridian"  # meridian (sidereal centre at mid-group) or drift
+    autos: bool = True
+    gains: bool = True
+    seed: int = 1
+    faults: tuple[Fault, ...] = ()
+    telescope_name: str = "DSA_110"
+    latitude_deg: float = 37.2339
+    longitude_deg: float = -118.2825
+    altitude_m: float = 1222.0
+    dish_diameter_m: float = 4.65
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_groups < 1:
+            problems.append(f"groups={self.n_groups}: must be >= 1")
+        if self.n_antennas < 3:
+            problems.append(f"nants={self.n_antennas}: must be >= 3")
+        if self.n_channels_per_subband < 1:
+            problems.append(f"nchan={self.n_channels_per_subband}: must be >= 1")
+        if self.n_times < 1:
+            problems.append(f"ntimes={self.n_times}: must be >= 1")
+        if not 0 <= self.jitter_s <= 60:
+            problems.append(f"jitter={self.jitter_s}: must be within 0..60 s")
+        if self.phase not in ("meridian", "drift"):
+            problems.append(f"phase={self.phase!r}: must be meridian or drift")
+        if self.dec_deg is not None and not -30 <= self.dec_deg <= 90:
+            problems.append(f"dec={self.dec_deg}: must be within -30..90 deg (visible from OVRO)")
+        if not 0 <= self.calibrator_group < self.n_groups:
+            problems.append(f"calibrator_group={self.calibrator_group}: outside 0..groups-1")
+        for f in self.faults:
+            if f.kind not in ("drop", "truncate", "duplicate", "garbage"):
+                problems.append(f"fault {f.kind!r}: must be drop/truncate/duplicate/garbage")
+            if not 0 <= f.subband < N_SUBBANDS or not 0 <= f.group_index < self.n_groups:
+                problems.append(f"fault {f.kind}:{f.group_index}:{f.subband}: no such file")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def group_duration_s(self) -> float:
+        return self.n_times * INTEGRATION_S
+
+
+@dataclass
+class GroupTruth:
+    """What was injected into one group (written as ``truth/<group_id>.json``)."""
+
+    group_id: str
+    files: list[str]
+    start_utc: str
+    mid_utc: str
+    phase: str
+    phase_center_ra_deg: float
+    phase_center_dec_deg: float
+    pointing_dec_deg: float
+    calibrator: str | None
+    n_antennas: int
+    antenna_names: list[str]
+    n_times: int
+    integration_s: float
+    channel_width_hz: float
+    freq_low_hz: float
+    freq_high_hz: float
+    sefd_jy: float
+    sigma_vis_jy: float  # per real/imaginary part, per visibility
+    sigma_image_jy: float  # Stokes I, natural weighting, all cross-correlations
+    sources: list[dict[str, float | str]]
+    faults: list[dict[str, object]] = field(default_factory=list)
+    gain_convention: str = (
+        "pyuvdata: V_ij = g_i conj(g_j) V_sky; CASA (after write_ms) solves conj(g). "
+        "npz: gains_pyuvdata (Ntimes, Nants, Npol=2 [XX,YY]) and bandpass_pyuvdata "
+        "(Nants, 2, Nfreq, ascending freq); *_casa arrays are their conjugates."
+    )
+
+
+def subband_frequencies(subband: int, n_channels: int) -> tuple[np.ndarray, float]:
+    """Channel centres (Hz, descending) and the (negative) channel width of one subband."""
+    width = (BAND_HIGH_HZ - BAND_LOW_HZ) / N_SUBBANDS
+    top = BAND_HIGH_HZ - subband * width
+    dnu = width / n_channels
+    return top - (np.arange(n_channels) + 0.5) * dnu, -dnu
+
+
+def radiometer_sigma_vis(sefd_jy: float, channel_width_hz: float, integration_s: float) -> float:
+    """Noise per real/imaginary part of one visibility: SEFD / sqrt(2 dnu tau)."""
+    return sefd_jy / math.sqrt(2.0 * abs(channel_width_hz) * integration_s)
+
+
+def radiometer_sigma_image(
+    sefd_jy: float, n_antennas: int, bandwidth_hz: float, duration_s: float, n_pol: int = 2
+) -> float:
+    """Stokes I image noise, natural weighting: SEFD / sqrt(n_pol N (N-1) dnu t)."""
+    return sefd_jy / math.sqrt(n_pol * n_antennas * (n_antennas - 1) * bandwidth_hz * duration_s)
+
+
+def t_array_layout(n_antennas: int, rng: np.random.Generator) -> np.ndarray:
+    """ENU positions (m) of a synthetic DSA-110-like "T": an E-W arm and a N-S arm.
+
+    Not the real pads; the T gives DSA-110's cross-shaped PSF. Positions are at least 6 m
+    apart so that no baseline is shorter than a dish diameter.
+    """
+    n_ew = max(2, math.ceil(n_antennas / 2))
+    n_ns = n_antennas - n_ew
+    g = rng.uniform(-1.0, 1.0, n_ew)
+    x = np.sort(np.sign(g) * np.abs(g) ** 1.5 * 575.0)
+    ew = np.stack([x, rng.normal(0, 0.5, n_ew), rng.normal(0, 0.2, n_ew)], axis=1)
+    y = np.sort(rng.uniform(0.03, 1.0, n_ns) * 1200.0)
+    ns = np.stack([rng.normal(0, 0.5, n_ns), y, rng.normal(0, 0.2, n_ns)], axis=1)
+    enu = np.concatenate([ew, ns], axis=0)
+    for i in range(len(enu)):
+        for j in range(i):
+            while np.linalg.norm(enu[i] - enu[j]) < 6.0:
+                enu[i, 0] += 6.5
+    return enu
+
+
+def first_transit_after(cal: Calibrator, after: datetime, longitude_deg: float) -> datetime:
+    """The first time after ``after`` when LST equals the calibrator's RA (to ~0.1 s)."""
+    sidereal_rate = 360.98564736629 / 86400.0  # deg of LST per second of UTC
+    delta = (cal.ra_deg - lst_deg(after, longitude_deg)) % 360.0
+    t = after + timedelta(seconds=delta / sidereal_rate)
+    for _ in range(3):  # refine: lst_deg is not exactly linear over a day
+        err = ((cal.ra_deg - lst_deg(t, longitude_deg) + 180.0) % 360.0) - 180.0
+        t += timedelta(seconds=err / sidereal_rate)
+    return t
+
+
+def _night_start(spec: SimulationSpec, cal: Calibrator | None) -> datetime:
+    """First group's nominal start, whole seconds: the calibrator transits mid-group."""
+    base = spec.start or datetime(2025, 10, 5, 12, 30, tzinfo=UTC)
+    if cal is None:
+        return base.replace(microsecond=0)
+    transit = first_transit_after(cal, base, spec.longitude_deg)
+    offset = (spec.calibrator_group + 0.5) * spec.group_duration_s
+    return (transit - timedelta(seconds=offset)).replace(microsecond=0)
+
+
+def _gaussian_beam(offset_deg: np.ndarray, freq_hz: np.ndarray, dish_m: float) -> np.ndarray:
+    fwhm_deg = np.degrees(PB_FWHM_FACTOR * C_M_S / freq_hz / dish_m)
+    return np.exp(-4.0 * math.log(2.0) * (offset_deg[:, None] / fwhm_deg[None, :]) ** 2)
+
+
+def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[GroupTruth]:
+    """Write ``spec.n_groups`` groups into ``outdir`` (and truth into ``outdir/truth``)."""
+    warnings.filterwarnings("ignore", message=".*dubious year.*")
+    warnings.filterwarnings("ignore", message=".*leap-second.*")
+    from astropy.utils import iers
+
+    iers.conf.auto_download = False  # offline: never fetch IERS-A tables
+    iers.conf.auto_max_age = None
+    import astropy.units as u
+    from astropy.coordinates import AltAz, EarthLocation, SkyCoord
+    from astropy.time import Time
+    from pyuvdata import Telescope, UVData
+    from pyuvdata import utils as uvutils
+
+    out = Path(outdir)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    catalogue = load_catalogue()
+    cal = None
+    if spec.calibrator is not None:
+        by_name = {c.name.lower(): c for c in catalogue}
+        cal = by_name.get(spec.calibrator.lower())
+        if cal is None:
+            known = ", ".join(c.name for c in catalogue)
+            raise ValueError(f"calibrator {spec.calibrator!r} is not in the catalogue ({known})")
+    dec_deg = spec.dec_deg if spec.dec_deg is not None else (cal.dec_deg if cal else 33.0)
+    night_start = _night_start(spec, cal)
+
+    loc = EarthLocation.from_geodetic(
+        lon=spec.longitude_deg * u.deg, lat=spec.latitude_deg * u.deg, height=spec.altitude_m * u.m
+    )
+    enu = t_array_layout(spec.n_antennas, rng)
+    ecef = uvutils.ECEF_from_ENU(
+        enu,
+        latitude=math.radians(spec.latitude_deg),
+        longitude=math.radians(spec.longitude_deg),
+        altitude=spec.altitude_m,
+    )
+    tel_xyz = np.array([loc.x.to_value(u.m), loc.y.to_value(u.m), loc.z.to_value(u.m)])
+    ant_numbers = np.arange(spec.n_antennas)
+    ant_names = [f"DSA{n + 1:03d}" for n in ant_numbers]
+    telescope = Telescope.new(
+        name=spec.telescope_name,
+        location=loc,
+        antenna_positions=ecef - tel_xyz,
+        antenna_names=ant_names,
+        antenna_numbers=ant_numbers,
+        instrument=spec.telescope_name,
+        antenna_diameters=np.full(spec.n_antennas, spec.dish_diameter_m),
+        feeds=["x", "y"],
+        mount_type="fixed",
+        update_from_known=False,
+    )
+
+    # Instrument corruptions for the whole night: G(t) per antenna and feed, B(nu).
+    nch = spec.n_channels_per_subband
+    all_freqs = np.concatenate([subband_frequencies(sb, nch)[0] for sb in range(N_SUBBANDS)])
+    g_amp = rng.uniform(0.8, 1.2, (spec.n_antennas, 2))
+    g_phase = rng.uniform(-math.pi, math.pi, (spec.n_antennas, 2))
+    drift_rad_per_s = np.radians(rng.normal(0.0, 2.0, (spec.n_antennas, 2))) / 3600.0
+    delay_ns = rng.normal(0.0, 2.0, (spec.n_antennas, 2))
+    ripple_phase = rng.uniform(0, 2 * math.pi, (spec.n_antennas, 2))
+    if not spec.gains:
+        g_amp[:] = 1.0
+        g_phase[:] = 0.0
+        drift_rad_per_s[:] = 0.0
+        delay_ns[:] = 0.0
+
+    def bandpass(freqs: np.ndarray) -> np.ndarray:  # (Nants, 2, Nf)
+        if not spec.gains:
+            return np.ones((spec.n_antennas, 2, len(freqs)), dtype=complex)
+        x = (freqs - 1.405e9) / (BAND_HIGH_HZ - BAND_LOW_HZ)
+        ripple = 1.0 + 0.1 * np.sin(2 * math.pi * 1.5 * x[None, None, :] + ripple_phase[..., None])
+        return ripple * np.exp(2j * math.pi * freqs[None, None, :] * delay_ns[..., None] * 1e-9)
+
+    antpairs = [
+        (i, j)
+        for i in range(spec.n_antennas)
+        for j in range(i if spec.autos else i + 1, spec.n_antennas)
+    ]
+    ap = np.array(antpairs)
+    nbl = len(ap)
+    is_auto = ap[:, 0] == ap[:, 1]
+    baselines = enu[ap[:, 1]] - enu[ap[:, 0]]  # pyuvdata: x_j - x_i, (Nbl, 3) metres
+    cross_width = (BAND_HIGH_HZ - BAND_LOW_HZ) / N_SUBBANDS / nch
+    faults = {(f.group_index, f.subband): f for f in spec.faults}
+    truths: list[GroupTruth] = []
+
+    for gi in range(spec.n_groups):
+        start = night_start + timedelta(seconds=gi * spec.group_duration_s)
+        t_start = Time(start)
+        times = t_start + (np.arange(spec.n_times) + 0.5) * INTEGRATION_S * u.s
+        t_mid = t_start + 0.5 * spec.group_duration_s * u.s
+        ra_mid = t_mid.sidereal_time("apparent", longitude=loc.lon).deg
+        centre = SkyCoord(ra=ra_mid * u.deg, dec=dec_deg * u.deg, frame="icrs")
+        elapsed = (times - Time(night_start)).to_value(u.s)
+        gains = g_amp[None] * np.exp(
+            1j * (g_phase[None] + drift_rad_per_s[None] * elapsed[:, None, None])
+        )  # (Nt, Nants, 2)
+
+        # Sky: the calibrator if it is in the field, plus faint field sources.
+        sources: list[dict[str, float | str]] = []
+        if cal is not None:
+            sep = angular_separation_deg(cal.ra_deg, cal.dec_deg, ra_mid, dec_deg)
+            if sep <= spec.field_radius_deg:
+                sources.append(
+                    {
+                        "name": cal.name,
+                        "ra_deg": cal.ra_deg,
+                        "dec_deg": cal.dec_deg,
+                        "flux_jy_1p4ghz": cal.flux_jy_1p4ghz,
+                        "spectral_index": cal.spectral_index,
+                    }
+                )
+        cosd = math.cos(math.radians(dec_deg))
+        for k in range(spec.n_field_sources):
+            r = spec.field_radius_deg * 0.5 * math.sqrt(rng.uniform(0.05, 1.0))
+            theta = rng.uniform(0, 2 * math.pi)
+            sources.append(
+                {
+                    "name": f"SRC{k + 1}",
+                    "ra_deg": (ra_mid + r * math.cos(theta) / cosd) % 360.0,
+                    "dec_deg": dec_deg + r * math.sin(theta),
+                    "flux_jy_1p4ghz": float(rng.uniform(0.1, 0.5)),
+                    "spectral_index": float(rng.normal(-0.7, 0.2)),
+                }
+            )
+        offsets = np.array(
+            [angular_separation_deg(s["ra_deg"], s["dec_deg"], ra_mid, dec_deg) for s in sources]  # type: ignore[arg-type]
+        )
+        for s, off in zip(sources, offsets, strict=True):
+            s["offset_deg"] = float(off)
+            s["beam_gain_1p4ghz"] = float(
+                _gaussian_beam(np.array([off]), np.array([1.4e9]), spec.dish_diameter_m)[0, 0]
+            )
+
+        frame = AltAz(obstime=times[:, None], location=loc, pressure=0 * u.hPa)
+
+        def enu_dirs(coords: SkyCoord, frame: AltAz = frame) -> np.ndarray:
+            aa = coords[None, :].transform_to(frame)
+            alt, az = aa.alt.rad, aa.az.rad
+            return np.stack(
+                [np.cos(alt) * np.sin(az), np.cos(alt) * np.cos(az), np.sin(alt)], axis=-1
+            )
+
+        if spec.phase == "meridian":
+            s0 = enu_dirs(SkyCoord([centre]))[:, 0, :]
+        else:  # fringe-stopped on the meridian at the pointing declination
+            el = math.radians(90.0 - abs(spec.latitude_deg - dec_deg))
+            az = 0.0 if dec_deg > spec.latitude_deg else math.pi
+            s0 = np.tile(
+                [math.cos(el) * math.sin(az), math.cos(el) * math.cos(az), math.sin(el)],
+                (spec.n_times, 1),
+            )
+        if sources:
+            src_coords = SkyCoord(
+                ra=[s["ra_deg"] for s in sources] * u.deg,
+                dec=[s["dec_deg"] for s in sources] * u.deg,
+                frame="icrs",
+            )
+            geo_m = np.einsum("bk,tsk->tbs", baselines, enu_dirs(src_coords) - s0[:, None, :])
+        else:
+            geo_m = np.zeros((spec.n_times, nbl, 0))
+
+        # A template with uvw and phase centre computed once; subbands select from it.
+        template = UVData.new(
+            freq_array=all_freqs,
+            polarization_array=["xx", "yy"],
+            times=times.jd,
+            telescope=telescope,
+            antpairs=ap,
+            do_blt_outer=True,
+            integration_time=INTEGRATION_S,
+            channel_width=-cross_width,
+            vis_units="uncalib",
+            history="contimg-supervisor simulate: synthetic DSA-110-shaped group",
+            time_axis_faster_than_bls=False,
+        )
+        if spec.phase == "meridian":
+            template.phase(
+                ra=centre.ra.rad,
+                dec=centre.dec.rad,
+                epoch="J2000",
+                cat_name="MERIDIAN_MID",
+                cat_type="sidereal",
+                use_ant_pos=True,
+            )
+        else:
+            el = math.radians(90.0 - abs(spec.latitude_deg - dec_deg))
+            az = 0.0 if dec_deg > spec.latitude_deg else math.pi
+            template.phase(
+                lon=az,
+                lat=el,
+                cat_type="driftscan",
+                cat_name="MERIDIAN_DRIFT",
+                phase_frame="altaz",
+                use_ant_pos=True,
+            )
+        template.extra_keywords.update(
+            {"phase_center_dec": math.radians(dec_deg), "ha_phase_center": 0.0, "synthetic": True}
+        )
+        template.blt_order = ("time", "baseline")
+
+        group_id = start.strftime("%Y-%m-%dT%H:%M:%S")
+        files: list[str] = []
+        applied_faults: list[dict[str, object]] = []
+        sb_offsets = rng.integers(-spec.jitter_s, spec.jitter_s + 1, N_SUBBANDS)
+        sb_offsets[0] = 0
+        for sb in range(N_SUBBANDS):
+            freqs, _ = subband_frequencies(sb, nch)
+            chans = np.arange(sb * nch, (sb + 1) * nch)
+            data = _subband_visibilities(
+                freqs, sources, offsets, geo_m, gains, bandpass(freqs), ap, is_auto, spec
+            )
+            rng_noise = rng.standard_normal((2, *data.shape))
+            sigma = radiometer_sigma_vis(spec.sefd_jy, cross_width, INTEGRATION_S)
+            if spec.sefd_jy > 0:
+                noise = sigma * (rng_noise[0] + 1j * rng_noise[1])
+                noise[:, is_auto] = 0.0
+                data = data + noise
+            uvd = template.select(freq_chans=chans, inplace=False)
+            uvd.data_array = data.reshape(spec.n_times * nbl, nch, 2).astype(np.complex64)
+            uvd.flag_array = np.zeros(uvd.data_array.shape, dtype=bool)
+            uvd.nsample_array = np.ones(uvd.data_array.shape, dtype=np.float32)
+            stamp = (start + timedelta(seconds=int(sb_offsets[sb]))).strftime("%Y-%m-%dT%H:%M:%S")
+            path = out / f"{stamp}_sb{sb:02d}.hdf5"
+            fault = faults.get((gi, sb))
+            if fault is not None and fault.kind == "drop":
+                applied_faults.append({**asdict(fault), "path": str(path)})
+                continue
+            uvd.write_uvh5(str(path), clobber=True)
+            files.append(path.name)
+            if fault is not None:
+                applied_faults.append({**asdict(fault), "path": str(path)})
+                _apply_fault(fault, path, uvd, start, rng)
+
+        mid = start + timedelta(seconds=0.5 * spec.group_duration_s)
+        truth = GroupTruth(
+            group_id=group_id,
+            files=files,
+            start_utc=start.isoformat(),
+            mid_utc=mid.isoformat(),
+            phase=spec.phase,
+            phase_center_ra_deg=float(ra_mid),
+            phase_center_dec_deg=dec_deg,
+            pointing_dec_deg=dec_deg,
+            calibrator=cal.name
+            if cal is not None and sources and sources[0]["name"] == cal.name
+            else None,
+            n_antennas=spec.n_antennas,
+            antenna_names=ant_names,
+            n_times=spec.n_times,
+            integration_s=INTEGRATION_S,
+            channel_width_hz=cross_width,
+            freq_low_hz=float(all_freqs.min()),
+            freq_high_hz=float(all_freqs.max()),
+            sefd_jy=spec.sefd_jy,
+            sigma_vis_jy=radiometer_sigma_vis(spec.sefd_jy, cross_width, INTEGRATION_S),
+            sigma_image_jy=radiometer_sigma_image(
+                spec.sefd_jy, spec.n_antennas, BAND_HIGH_HZ - BAND_LOW_HZ, spec.group_duration_s
+            ),
+            sources=sources,
+            faults=applied_faults,
+        )
+        truths.append(truth)
+        (out / "truth" / f"{group_id}.json").write_text(json.dumps(asdict(truth), indent=1))
+        ascending = np.sort(all_freqs)
+        bp = bandpass(ascending)
+        np.savez(
+            out / "truth" / f"{group_id}.npz",
+            gains_pyuvdata=gains,
+            gains_casa=np.conj(gains),
+            bandpass_pyuvdata=bp,
+            bandpass_casa=np.conj(bp),
+            freqs_hz=ascending,
+            times_jd=times.jd,
+            enu_m=enu,
+            delay_ns=delay_ns,
+        )
+    return truths
+
+
+def _subband_visibilities(
+    freqs: np.ndarray,
+    sources: list[dict[str, float | str]],
+    offsets_deg: np.ndarray,
+    geo_m: np.ndarray,
+    gains: np.ndarray,
+    bp: np.ndarray,
+    ap: np.ndarray,
+    is_auto: np.ndarray,
+    spec: SimulationSpec,
+) -> np.ndarray:
+    """Corrupted, noiseless visibilities (Nt, Nbl, Nf, 2 pols) of one subband."""
+    nt, nbl = geo_m.shape[0], geo_m.shape[1]
+    sky = np.zeros((nt, nbl, len(freqs)), dtype=complex)
+    beam = _gaussian_beam(offsets_deg, freqs, spec.dish_diameter_m) if sources else None
+    for k, s in enumerate(sources):
+        flux = float(s["flux_jy_1p4ghz"]) * (freqs / 1.4e9) ** float(s["spectral_index"])
+        apparent = flux * beam[k]  # type: ignore[index]
+        sky += apparent[None, None, :] * np.exp(
+            2j * math.pi * geo_m[:, :, k, None] * freqs[None, None, :] / C_M_S
+        )
+    total_flux = sky[:, is_auto].real.mean() if is_auto.any() else 0.0
+    data = np.zeros((nt, nbl, len(freqs), 2), dtype=complex)
+    for pol in range(2):
+        gi = gains[:, ap[:, 0], pol][..., None] * bp[ap[:, 0], pol][None]
+        gj = gains[:, ap[:, 1], pol][..., None] * bp[ap[:, 1], pol][None]
+        d = gi * np.conj(gj) * sky
+        # Autocorrelations: |g|^2 (SEFD + sky), real.
+        d[:, is_auto] = (np.abs(gi[:, is_auto]) ** 2) * (spec.sefd_jy + total_flux)
+        data[..., pol] = d
+    return data
+
+
+def _apply_fault(
+    fault: Fault, path: Path, uvd: object, start: datetime, rng: np.random.Generator
+) -> None:
+    if fault.kind == "truncate":
+        size = path.stat().st_size
+        with path.open("r+b") as fh:
+            fh.truncate(size // 2)
+    elif fault.kind == "garbage":
+        path.write_bytes(rng.bytes(4096))
+    elif fault.kind == "duplicate":
+        for extra_s in (5, 7):  # a name that differs from the original's
+            stamp = (start + timedelta(seconds=extra_s)).strftime("%Y-%m-%dT%H:%M:%S")
+            dup = path.with_name(f"{stamp}_sb{fault.subband:02d}.hdf5")
+            if dup != path:
+                break
+        uvd.write_uvh5(str(dup), clobber=True)  # type: ignore[attr-defined]

@@ -1,0 +1,51 @@
+"""Read-only summaries of the queue for operators: counts per state and the newest groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from supervisor.db import Database
+from supervisor.models import Group, SubbandFile
+from supervisor.states import State
+
+
+def group_summary(group: Group, files_ready: int | None = None) -> dict[str, Any]:
+    return {
+        "group_id": group.group_id,
+        "state": group.state,
+        "stage": group.stage,
+        "obs_start": group.obs_start.isoformat(),
+        "calibrator": group.calibrator_name,
+        "pointing_dec_deg": group.pointing_dec_deg,
+        "attempt": group.attempt,
+        "reason": group.state_reason,
+        "error_category": group.error_category,
+        "error_code": group.error_code,
+        "files_ready": files_ready,
+        "updated_at": group.updated_at.isoformat(),
+    }
+
+
+def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
+    """``{"states": {state: count}, "groups": [...newest first], "rejected_files": n}``."""
+    with db.transaction() as s:
+        counts = dict(s.execute(select(Group.state, func.count()).group_by(Group.state)).all())
+        newest = s.scalars(select(Group).order_by(Group.obs_start.desc()).limit(limit)).all()
+        ready_counts = dict(
+            s.execute(
+                select(SubbandFile.group_id, func.count())
+                .where(SubbandFile.status == "ready")
+                .where(SubbandFile.group_id.in_([g.group_id for g in newest]))
+                .group_by(SubbandFile.group_id)
+            ).all()
+        )
+        rejected = s.scalar(
+            select(func.count()).select_from(SubbandFile).where(SubbandFile.status == "rejected")
+        )
+        return {
+            "states": {state.value: int(counts.get(state.value, 0)) for state in State},
+            "groups": [group_summary(g, ready_counts.get(g.group_id, 0)) for g in newest],
+            "rejected_files": int(rejected or 0),
+        }
