@@ -414,7 +414,6 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
         )
         template.blt_order = ("time", "baseline")
 
-        group_id = start.strftime("%Y-%m-%dT%H:%M:%S")
         files: list[str] = []
         applied_faults: list[dict[str, object]] = []
         sb_offsets = rng.integers(-spec.jitter_s, spec.jitter_s + 1, N_SUBBANDS)
@@ -448,6 +447,10 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
                 _apply_fault(fault, path, uvd, start, rng)
 
         mid = start + timedelta(seconds=0.5 * spec.group_duration_s)
+        # Ingest keys a group on its earliest file name: use the same id here.
+        group_id = (
+            min(name[:19] for name in files) if files else start.strftime("%Y-%m-%dT%H:%M:%S")
+        )
         truth = GroupTruth(
             group_id=group_id,
             files=files,
