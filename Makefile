@@ -37,3 +37,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO_WORKSPACE) .pytest_cache
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/simulate_full_size.py 32 16
+	$(VENV)/bin/python bench/simulate_full_size.py 96 48
