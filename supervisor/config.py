@@ -103,6 +103,70 @@ class LoggingConfig:
     format: str = _field("json", choices=("json", "console"))
 
 
+STAGE_NAMES = ("preflight", "convert", "calibrate", "image", "register")
+OUTCOME_KINDS = ("any", "error", "crash", "timeout", "invalid_result", "postcondition", "gate")
+CATEGORIES = ("retryable", "recoverable", "validation", "fatal")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    node_name: str = _field("", help="this node's name in leases; empty: the host name")
+    lease_s: float = _field(120.0, min=5, help="claim lease length, on the database clock")
+    heartbeat_s: float = _field(15.0, min=0, exclusive_min=True, help="lease renewal period")
+    idle_poll_s: float = _field(2.0, min=0, exclusive_min=True)
+    term_grace_s: float = _field(10.0, min=0, help="SIGTERM -> SIGKILL grace for workers")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    base_delay_s: float = _field(30.0, min=0, help="first retry delay before jitter")
+    max_delay_s: float = _field(900.0, min=0, help="cap of the exponential backoff")
+    crash_budget: int = _field(2, min=0, help="worker crashes (signals, OOM) tolerated per stage")
+
+
+@dataclass(frozen=True)
+class StageTier:
+    """One rung of a stage's fallback ladder: a name and parameter overrides."""
+
+    name: str = _field("primary")
+    params: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    module: str = _field("", help="worker module, run as python -m MODULE --request R.json")
+    timeout_s: float = _field(1800.0, min=0, exclusive_min=True)
+    max_attempts: int = _field(3, min=1, help="attempts per fallback tier (retry budget)")
+    tiers: list[StageTier] = field(default_factory=lambda: [StageTier()])
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """A classification rule; the first rule whose every given matcher matches wins.
+
+    Matchers: ``stage`` (a name or ``*``), ``outcome`` (what happened), ``exception``
+    (regular expression on the exception type), ``message`` (regular expression searched in
+    the message, the SEVERE log lines and stderr), ``exit_codes`` (return codes; negative
+    numbers are signals).
+    """
+
+    stage: str = _field("*")
+    outcome: str = _field("any", choices=OUTCOME_KINDS)
+    exception: str = _field("")
+    message: str = _field("")
+    exit_codes: list[int] = field(default_factory=list)
+    category: str = _field("fatal", choices=CATEGORIES)
+    code: str = _field("unclassified")
+    hint: str = _field("")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    benign_log_patterns: list[str] = field(default_factory=list)
+    extra_rules: list[PolicyRule] = field(default_factory=list)  # checked before ``rules``
+    rules: list[PolicyRule] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, with relative paths already resolved under ``workspace``."""
@@ -115,6 +179,10 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     casa: CasaConfig = field(default_factory=CasaConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     # Resolved locations -------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -187,8 +255,11 @@ def _env_overrides(environ: Mapping[str, str], problems: list[str]) -> dict[str,
                 f"{', '.join(sorted(NON_OVERRIDE_ENV))})"
             )
             continue
-        section, key = rest.split("__", 1)
-        out.setdefault(section, {})[key] = _EnvString(value, name)
+        *parents, key = rest.split("__")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = _EnvString(value, name)
     return out
 
 
@@ -258,35 +329,109 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
             allowed = ", ".join(sorted(fields))
             problems.append(f"{full}: unknown key{hint}; allowed here: {allowed}")
     kwargs: dict[str, Any] = {}
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for name, f in fields.items():
-        if name not in data:
-            continue
-        typ = _resolve_type(hints[name])
-        value = data[name]
-        if dataclasses.is_dataclass(typ):
-            if not isinstance(value, Mapping):
-                problems.append(f"{prefix}{name}: must be a table ([{prefix}{name}])")
-                continue
-            kwargs[name] = _build(typ, value, f"{prefix}{name}.", problems)
-        else:
-            coerced, problem = _coerce(f"{prefix}{name}", value, typ, f.metadata)
-            if problem:
-                problems.append(problem)
-            else:
-                kwargs[name] = coerced
+        if name in data:
+            ok, value = _build_value(f.type, data[name], f"{prefix}{name}", f.metadata, problems)
+            if ok:
+                kwargs[name] = value
     return cls(**kwargs)
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-def _resolve_type(annotation: Any) -> type:
-    if isinstance(annotation, str):
-        if annotation in _TYPES:
-            return _TYPES[annotation]
-        return globals()[annotation]
-    return annotation
+def _build_value(
+    annotation: Any, value: Any, key: str, meta: Mapping[str, Any], problems: list[str]
+) -> tuple[bool, Any]:
+    """Check and convert ``value`` for a field annotated ``annotation`` (a string, since this
+    module uses postponed annotations): a scalar, a schema dataclass, ``dict[str, X]`` or
+    ``list[X]``. ``dict[str, object]`` is a free-form table of scalars (stage parameters)."""
+    ann = str(annotation).replace(" ", "")
+    if ann in _SCALARS:
+        coerced, problem = _coerce(key, value, _SCALARS[ann], meta)
+        if problem:
+            problems.append(problem)
+            return False, None
+        return True, coerced
+    if ann == "dict[str,object]":
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: must be a table of parameters")
+            return False, None
+        bad = [k for k, v in value.items() if not isinstance(v, str | int | float | bool)]
+        for k in bad:
+            problems.append(f"{key}.{k} = {value[k]!r}: parameters must be strings or numbers")
+        return not bad, dict(value)
+    if ann.startswith("dict[str,") and ann.endswith("]"):
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: must be a table ([{key}.<name>])")
+            return False, None
+        inner = ann[len("dict[str,") : -1]
+        out = {}
+        for k, v in value.items():
+            ok, built = _build_value(inner, v, f"{key}.{k}", {}, problems)
+            if ok:
+                out[k] = built
+        return True, out
+    if ann.startswith("list[") and ann.endswith("]"):
+        if not isinstance(value, list):
+            problems.append(f"{key}: must be a list ([[{key}]] tables or [...])")
+            return False, None
+        inner = ann[len("list[") : -1]
+        out_list = []
+        for i, item in enumerate(value):
+            ok, built = _build_value(inner, item, f"{key}[{i}]", {}, problems)
+            if ok:
+                out_list.append(built)
+        return True, out_list
+    cls = globals().get(ann)
+    if cls is not None and dataclasses.is_dataclass(cls):
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: must be a table ([{key}])")
+            return False, None
+        return True, _build(cls, value, f"{key}.", problems)
+    raise TypeError(f"unsupported configuration type {annotation!r} for {key}")
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Rules that involve more than one key."""
+    import re
+
+    out = []
+    for name in cfg.stages:
+        if name not in STAGE_NAMES:
+            close = difflib.get_close_matches(name, STAGE_NAMES, n=1)
+            hint = f" (did you mean stages.{close[0]}?)" if close else ""
+            out.append(f"stages.{name}: unknown stage{hint}; stages are {', '.join(STAGE_NAMES)}")
+    for name in STAGE_NAMES:
+        stage = cfg.stages.get(name)
+        if stage is None:
+            out.append(f"stages.{name}: missing")
+        elif not stage.module:
+            out.append(f"stages.{name}.module: must name the worker module")
+        elif not stage.tiers:
+            out.append(f"stages.{name}.tiers: needs at least one tier")
+    if cfg.daemon.heartbeat_s * 2 > cfg.daemon.lease_s:
+        out.append(
+            f"daemon.heartbeat_s = {cfg.daemon.heartbeat_s}: must be at most half of "
+            f"daemon.lease_s ({cfg.daemon.lease_s}) so one missed beat does not lose the lease"
+        )
+    rules = [("policy.extra_rules", r) for r in cfg.policy.extra_rules] + [
+        ("policy.rules", r) for r in cfg.policy.rules
+    ]
+    for i, (where, rule) in enumerate(rules):
+        for attr in ("exception", "message"):
+            try:
+                re.compile(getattr(rule, attr))
+            except re.error as exc:
+                out.append(f"{where}[{i}].{attr} = {getattr(rule, attr)!r}: bad regex: {exc}")
+        if rule.stage != "*" and rule.stage not in STAGE_NAMES:
+            out.append(f"{where}[{i}].stage = {rule.stage!r}: not a stage name or *")
+    for i, pattern in enumerate(cfg.policy.benign_log_patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            out.append(f"policy.benign_log_patterns[{i}] = {pattern!r}: bad regex: {exc}")
+    return out
 
 
 def load_config(
@@ -310,6 +455,8 @@ def load_config(
         data = _merge(data, _read_toml(Path(path)))
     data = _merge(data, _env_overrides(env, problems))
     cfg = _build(Config, data, "", problems)
+    if not problems:
+        problems.extend(_cross_checks(cfg))
     if problems:
         raise ConfigError(problems)
     ws = workspace or env.get("CONTIMG_WORKSPACE") or cfg.workspace or os.getcwd()

@@ -242,7 +242,15 @@ class Ingestor:
         to_inspect = self._record_observations(observations, now, report)
         inspections = {path: inspect_uvh5(path) for path in to_inspect}
         self._apply_inspections(inspections, self.clock(), report)
-        log.info("ingest.scan", **{k: v for k, v in report.as_dict().items() if v})
+        changes = {k: v for k, v in report.as_dict().items() if v}
+        quiet = not (
+            report.new_files
+            or report.ready
+            or report.rejected
+            or report.groups_pending
+            or report.groups_quarantined
+        )
+        (log.debug if quiet else log.info)("ingest.scan", **changes)
         return report
 
     # Step 1: look (no database) -----------------------------------------------------

@@ -1,0 +1,586 @@
+"""Execute one claimed stage attempt: prepare its directories and request, run the worker,
+judge the outcome, and either publish its outputs and advance the group in one transaction,
+or roll back (remove the staging area) and apply the failure policy.
+
+Directories: ``logs/<group>/<stage>/t<token>/`` keeps the request, result, CASA log and
+worker stdout/stderr of every attempt; ``staging/<group>/<stage>-t<token>/`` receives the
+outputs, and is renamed to ``products/<group>/<stage>/`` on success or deleted on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import delete, select
+
+from supervisor.casaenv import casa_environment, write_site_config
+from supervisor.config import Config
+from supervisor.db import Database, is_sqlite
+from supervisor.errors import Failure
+from supervisor.leases import Claim, Leases
+from supervisor.models import Artifact, Group, StageAttempt, SubbandFile
+from supervisor.policy import Action, Classifier, Decision, Evidence, decide
+from supervisor.runner import (
+    RunOutcome,
+    WorkerStarted,
+    run_worker,
+    worker_command,
+    worker_environment,
+)
+from supervisor.states import Stage, StaleTransition, State, next_stage, transition
+
+log = structlog.get_logger(__name__)
+
+# Stage-specific post-conditions: (result, output_dir) -> problems. Filled by the stages
+# that need more than "every declared artifact exists and is not empty".
+PostCondition = Callable[[dict[str, Any], Path], list[str]]
+POSTCONDITIONS: dict[str, PostCondition] = {}
+
+
+@dataclass(frozen=True)
+class AttemptPaths:
+    workdir: Path  # request, result, logs: kept
+    output_dir: Path  # staging: published or removed
+    final_dir: Path  # where a successful output_dir goes
+
+    @property
+    def request(self) -> Path:
+        return self.workdir / "request.json"
+
+    @property
+    def result(self) -> Path:
+        return self.workdir / "result.json"
+
+    @property
+    def casa_log(self) -> Path:
+        return self.workdir / "casa.log"
+
+
+def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
+    return AttemptPaths(
+        workdir=cfg.path("logs") / claim.group_id / claim.stage / f"t{claim.fencing_token}",
+        output_dir=cfg.path("staging") / claim.group_id / f"{claim.stage}-t{claim.fencing_token}",
+        final_dir=cfg.path("products") / claim.group_id / claim.stage,
+    )
+
+
+class StageExecutor:
+    """Runs claimed attempts for one daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        db: Database,
+        leases: Leases,
+        *,
+        classifier: Classifier | None = None,
+        rng: random.Random | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.leases = leases
+        self.classifier = classifier or Classifier(cfg.policy)
+        self.rng = rng or random.Random()
+        self.should_stop = should_stop
+
+    # The whole attempt -------------------------------------------------------------------
+    def execute(self, claim: Claim) -> str:
+        """Run ``claim`` to its end; return the group's resulting state (or "lost")."""
+        bound = log.bind(
+            group_id=claim.group_id,
+            stage=claim.stage,
+            attempt=claim.attempt,
+            correlation_id=claim.correlation_id,
+        )
+        stage_cfg = self.cfg.stages[claim.stage]
+        tier = stage_cfg.tiers[min(claim.tier, len(stage_cfg.tiers) - 1)]
+        paths = attempt_paths(self.cfg, claim)
+        for stale in (paths.workdir, paths.output_dir):
+            shutil.rmtree(stale, ignore_errors=True)  # a token is never reused; be safe
+        paths.workdir.mkdir(parents=True)
+        paths.output_dir.mkdir(parents=True)
+        request = self._request(claim, tier.name, dict(tier.params), paths)
+        paths.request.write_text(json.dumps(request, indent=1, default=str))
+        attempt_id = self._record_attempt_start(claim, tier.name, paths)
+        site = write_site_config(paths.workdir, paths.casa_log)
+        python = self.cfg.casa.python or sys.executable
+        bound.info("stage.started", tier=tier.name, workdir=str(paths.workdir))
+        outcome = run_worker(
+            worker_command(python, stage_cfg.module, paths.request),
+            cwd=paths.workdir,
+            env=worker_environment(casa_environment(site)),
+            result_path=paths.result,
+            timeout_s=stage_cfg.timeout_s,
+            grace_s=self.cfg.daemon.term_grace_s,
+            heartbeat_s=self.cfg.daemon.heartbeat_s,
+            heartbeat=lambda: self._heartbeat(claim),
+            should_stop=self.should_stop,
+            on_start=lambda started: self._record_pid(attempt_id, started),
+        )
+        if outcome.survivors:
+            bound.error("stage.survivors", pids=outcome.survivors)
+        try:
+            return self._conclude(claim, attempt_id, paths, outcome, bound)
+        finally:
+            shutil.rmtree(paths.output_dir, ignore_errors=True)  # rollback (no-op if published)
+            _remove_empty_parents(paths.output_dir.parent)
+
+    # Pieces --------------------------------------------------------------------------
+    def _request(
+        self, claim: Claim, tier_name: str, params: dict[str, Any], paths: AttemptPaths
+    ) -> dict[str, Any]:
+        with self.db.transaction() as s:
+            group = s.get(Group, claim.group_id)
+            assert group is not None
+            files = {
+                f.subband: f.path
+                for f in s.scalars(
+                    select(SubbandFile)
+                    .where(SubbandFile.group_id == claim.group_id, SubbandFile.status == "ready")
+                    .order_by(SubbandFile.subband)
+                )
+            }
+            artifacts = {
+                a.kind: a.path
+                for a in s.scalars(select(Artifact).where(Artifact.group_id == claim.group_id))
+            }
+            return {
+                "group_id": claim.group_id,
+                "stage": claim.stage,
+                "attempt": claim.attempt,
+                "fencing_token": claim.fencing_token,
+                "correlation_id": claim.correlation_id,
+                "tier": {"index": claim.tier, "name": tier_name, "params": params},
+                "obs_start": group.obs_start.isoformat(),
+                "pointing_dec_deg": group.pointing_dec_deg,
+                "calibrator": group.calibrator_name,
+                "subband_files": {f"{sb:02d}": path for sb, path in files.items()},
+                "artifacts": artifacts,
+                "output_dir": str(paths.output_dir),
+                "final_dir": str(paths.final_dir),
+                "result_path": str(paths.result),
+                "casa_log": str(paths.casa_log),
+                "telescope": _asdict(self.cfg.telescope),
+                "calibration": _asdict(self.cfg.calibration),
+            }
+
+    def _record_attempt_start(self, claim: Claim, tier_name: str, paths: AttemptPaths) -> int:
+        with self.db.transaction() as s:
+            row = StageAttempt(
+                group_id=claim.group_id,
+                stage=claim.stage,
+                attempt=claim.attempt,
+                fallback_tier=claim.tier,
+                fencing_token=claim.fencing_token,
+                outcome="running",
+                owner=claim.owner,
+                workdir=str(paths.workdir),
+                started_at=self.leases.now(s),
+                correlation_id=claim.correlation_id,
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def _record_pid(self, attempt_id: int, started: WorkerStarted) -> None:
+        with self.db.transaction() as s:
+            row = s.get(StageAttempt, attempt_id)
+            if row is not None:
+                row.pid, row.pgid, row.proc_start_time = (
+                    started.pid,
+                    started.pgid,
+                    started.create_time,
+                )
+
+    def _heartbeat(self, claim: Claim) -> bool:
+        try:
+            return self.leases.heartbeat(claim)
+        except Exception as exc:  # noqa: BLE001 - a DB hiccup must not kill a healthy worker
+            log.warning("lease.heartbeat_failed", group_id=claim.group_id, error=str(exc))
+            return True
+
+    def _conclude(
+        self,
+        claim: Claim,
+        attempt_id: int,
+        paths: AttemptPaths,
+        outcome: RunOutcome,
+        bound: Any,
+    ) -> str:
+        if outcome.lease_lost:
+            self._finish_attempt(
+                attempt_id,
+                "abandoned",
+                outcome,
+                None,
+                message="lease lost while running; the worker was stopped",
+            )
+            bound.warning("stage.lease_lost")
+            return "lost"
+        if outcome.stopped:
+            return self._release_for_shutdown(claim, attempt_id, outcome, bound)
+        evidence = self._evidence(claim, paths, outcome)
+        if evidence is None:
+            try:
+                return self._commit_success(claim, attempt_id, paths, outcome, bound)
+            except StaleTransition:
+                self._finish_attempt(
+                    attempt_id, "abandoned", outcome, None, message="lost the claim before commit"
+                )
+                return "lost"
+        failure = self.classifier.classify(evidence)
+        return self._apply_failure(claim, attempt_id, outcome, evidence, failure, bound)
+
+    def _evidence(self, claim: Claim, paths: AttemptPaths, outcome: RunOutcome) -> Evidence | None:
+        """None when the attempt succeeded and its post-conditions hold."""
+        result, rc = outcome.result, outcome.returncode
+        common = {"stage": claim.stage, "stderr_tail": outcome.stderr_tail, "returncode": rc}
+        if outcome.timed_out:
+            return Evidence(
+                outcome="timeout",
+                message=(
+                    f"no result after {self.cfg.stages[claim.stage].timeout_s:.0f} s; worker "
+                    "process group killed"
+                ),
+                **common,
+            )
+        if result is None:
+            if outcome.result_problem == "no result file" and rc != 0:
+                return Evidence(outcome="crash", message="worker exited without a result", **common)
+            return Evidence(outcome="invalid_result", message=str(outcome.result_problem), **common)
+        log_lines = tuple(str(x) for x in result.get("log_lines", []))
+        if result["status"] == "failed":
+            err = result["error"]
+            return Evidence(
+                outcome="error",
+                exception_type=str(err.get("type", "")),
+                message=str(err.get("message", "")),
+                log_lines=log_lines,
+                worker_category=err.get("category"),
+                worker_code=err.get("code"),
+                worker_hint=str(err.get("hint", "")),
+                details={"traceback_tail": str(err.get("traceback", ""))[-1500:]},
+                **common,
+            )
+        problems = check_artifacts(result, paths.output_dir)
+        if not problems and claim.stage in POSTCONDITIONS:
+            problems = POSTCONDITIONS[claim.stage](result, paths.output_dir)
+        if problems:
+            return Evidence(
+                outcome="postcondition", message="; ".join(problems), log_lines=log_lines, **common
+            )
+        return None
+
+    def _commit_success(
+        self,
+        claim: Claim,
+        attempt_id: int,
+        paths: AttemptPaths,
+        outcome: RunOutcome,
+        bound: Any,
+    ) -> str:
+        result = outcome.result or {}
+        following = next_stage(Stage(claim.stage))
+        with self.db.transaction() as s:
+            group = self._locked_group(s, claim)
+            now = self.leases.now(s)
+            published = publish(paths.output_dir, paths.final_dir)
+            try:
+                s.execute(
+                    delete(Artifact).where(
+                        Artifact.group_id == claim.group_id, Artifact.stage == claim.stage
+                    )
+                )
+                for art in result.get("artifacts", []):
+                    path = paths.final_dir / art["path"]
+                    s.add(
+                        Artifact(
+                            group_id=claim.group_id,
+                            attempt_id=attempt_id,
+                            stage=claim.stage,
+                            kind=str(art.get("kind", "output")),
+                            path=str(path),
+                            bytes=_size(path),
+                            created_at=now,
+                        )
+                    )
+                attempt = s.get(StageAttempt, attempt_id)
+                assert attempt is not None
+                _fill_attempt(attempt, "succeeded", outcome, None, now)
+                fields = {
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "attempt": 0,
+                    "fallback_tier": 0,
+                    "crash_count": 0,
+                }
+                if following is None:
+                    fields["completed_at"] = now
+                    transition(
+                        s,
+                        group,
+                        State.COMPLETED,
+                        now=now,
+                        actor=self.leases.actor,
+                        fencing_token=claim.fencing_token,
+                        set_fields=fields,
+                        message=f"{claim.stage} committed; group complete",
+                    )
+                else:
+                    fields["stage"] = following.value
+                    transition(
+                        s,
+                        group,
+                        State.PENDING,
+                        now=now,
+                        actor=self.leases.actor,
+                        fencing_token=claim.fencing_token,
+                        set_fields=fields,
+                        message=f"{claim.stage} committed",
+                    )
+                s.flush()
+            except BaseException:
+                published.undo()
+                raise
+        published.discard_previous()
+        bound.info(
+            "stage.committed",
+            seconds=round(outcome.duration_s, 2),
+            next_stage=following and following.value,
+        )
+        return State.COMPLETED.value if following is None else State.PENDING.value
+
+    def _apply_failure(
+        self,
+        claim: Claim,
+        attempt_id: int,
+        outcome: RunOutcome,
+        evidence: Evidence,
+        failure: Failure,
+        bound: Any,
+    ) -> str:
+        with self.db.transaction() as s:
+            try:
+                group = self._locked_group(s, claim)
+            except StaleTransition:
+                self._finish_attempt(attempt_id, "abandoned", outcome, failure)
+                return "lost"
+            now = self.leases.now(s)
+            crashes = group.crash_count + (1 if evidence.is_crash else 0)
+            decision: Decision = decide(
+                failure,
+                is_crash=evidence.is_crash,
+                attempt=claim.attempt,
+                crash_count=crashes,
+                tier=claim.tier,
+                stage=self.cfg.stages[claim.stage],
+                retry=self.cfg.retry,
+                now=now,
+                rng=self.rng,
+            )
+            attempt = s.get(StageAttempt, attempt_id)
+            assert attempt is not None
+            _fill_attempt(attempt, "failed", outcome, decision.failure, now)
+            fields: dict[str, Any] = {
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "crash_count": crashes,
+            }
+            if decision.action == Action.RETRY:
+                to = State.RETRY_WAIT
+                fields["next_attempt_at"] = decision.next_attempt_at
+            elif decision.action == Action.NEXT_TIER:
+                to = State.PENDING
+                fields.update(fallback_tier=decision.tier, attempt=0)
+            elif decision.action == Action.QUARANTINE:
+                to = State.QUARANTINED
+            else:
+                to = State.FAILED
+            transition(
+                s,
+                group,
+                to,
+                now=now,
+                actor=self.leases.actor,
+                fencing_token=claim.fencing_token,
+                failure=decision.failure,
+                set_fields=fields,
+                message=decision.failure.message
+                + (f" [{decision.reason}]" if decision.reason else ""),
+            )
+        bound.warning(
+            "stage.failed",
+            outcome=evidence.outcome,
+            category=str(failure.category),
+            code=decision.failure.code,
+            action=str(decision.action),
+            message=decision.failure.message,
+            hint=decision.failure.hint,
+        )
+        return to.value
+
+    def _release_for_shutdown(
+        self, claim: Claim, attempt_id: int, outcome: RunOutcome, bound: Any
+    ) -> str:
+        with self.db.transaction() as s:
+            try:
+                group = self._locked_group(s, claim)
+            except StaleTransition:
+                return "lost"
+            now = self.leases.now(s)
+            attempt = s.get(StageAttempt, attempt_id)
+            if attempt is not None:
+                _fill_attempt(attempt, "abandoned", outcome, None, now)
+                attempt.error_message = "stopped by shutdown; the group resumes at this stage"
+            transition(
+                s,
+                group,
+                State.PENDING,
+                now=now,
+                actor=self.leases.actor,
+                fencing_token=claim.fencing_token,
+                message=f"shutdown: {claim.stage} stopped, resumes here",
+                set_fields={
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "attempt": max(0, claim.attempt - 1),
+                },
+            )
+        bound.info("stage.released_for_shutdown")
+        return State.PENDING.value
+
+    def _finish_attempt(
+        self,
+        attempt_id: int,
+        outcome_name: str,
+        outcome: RunOutcome,
+        failure: Failure | None,
+        message: str | None = None,
+    ) -> None:
+        with self.db.transaction() as s:
+            attempt = s.get(StageAttempt, attempt_id)
+            if attempt is not None:
+                _fill_attempt(attempt, outcome_name, outcome, failure, self.leases.now(s))
+                if message:
+                    attempt.error_message = message
+
+    def _locked_group(self, s: Any, claim: Claim) -> Group:
+        query = select(Group).where(Group.group_id == claim.group_id)
+        if not is_sqlite(self.db.engine):
+            query = query.with_for_update()
+        group = s.scalars(query).one()
+        if group.state != State.RUNNING or group.fencing_token != claim.fencing_token:
+            raise StaleTransition(
+                f"group {claim.group_id}: claim token {claim.fencing_token} no longer current"
+            )
+        return group
+
+
+# Helpers ------------------------------------------------------------------------------
+
+
+def check_artifacts(result: dict[str, Any], output_dir: Path) -> list[str]:
+    """Every declared artifact must be inside ``output_dir``, exist, and not be empty."""
+    problems = []
+    root = output_dir.resolve()
+    for art in result.get("artifacts", []):
+        rel = art.get("path") if isinstance(art, dict) else None
+        if not isinstance(rel, str) or not rel:
+            problems.append(f"artifact without a path: {art!r}")
+            continue
+        path = (output_dir / rel).resolve()
+        if root not in path.parents:
+            problems.append(f"artifact {rel!r} lies outside the staging area")
+        elif not path.exists():
+            problems.append(f"declared artifact {rel} was not written")
+        elif _size(path) == 0:
+            problems.append(f"artifact {rel} is empty")
+    return problems
+
+
+@dataclass
+class Published:
+    """A directory moved into place, with what it replaced kept until the commit holds."""
+
+    final_dir: Path
+    staged_from: Path
+    previous: Path | None
+
+    def undo(self) -> None:
+        if self.final_dir.exists():
+            self.final_dir.rename(self.staged_from)
+        if self.previous is not None and self.previous.exists():
+            self.previous.rename(self.final_dir)
+
+    def discard_previous(self) -> None:
+        if self.previous is not None:
+            shutil.rmtree(self.previous, ignore_errors=True)
+
+
+def publish(staged: Path, final_dir: Path) -> Published:
+    """Atomically put ``staged`` at ``final_dir`` (same filesystem: one rename)."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if final_dir.exists():  # a requeued stage, or outputs left by a crash before commit
+        previous = final_dir.with_name(f".{final_dir.name}.replaced-{staged.name}")
+        shutil.rmtree(previous, ignore_errors=True)
+        final_dir.rename(previous)
+    try:
+        staged.rename(final_dir)
+    except OSError as exc:
+        if exc.errno != 18:  # EXDEV: staging on another filesystem
+            raise
+        tmp = final_dir.with_name(f".{final_dir.name}.incoming")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(staged, tmp, symlinks=True)
+        tmp.rename(final_dir)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True, exist_ok=True)  # so that undo() has somewhere to go
+    return Published(final_dir, staged, previous)
+
+
+def _fill_attempt(
+    attempt: StageAttempt,
+    outcome_name: str,
+    outcome: RunOutcome,
+    failure: Failure | None,
+    now: datetime,
+) -> None:
+    attempt.outcome = outcome_name
+    attempt.finished_at = now
+    attempt.exit_code = outcome.returncode
+    attempt.result = outcome.result
+    if failure is not None:
+        attempt.error_category = str(failure.category)
+        attempt.error_code = failure.code
+        attempt.error_type = str(failure.details.get("exception_type") or "") or None
+        attempt.error_message = failure.message
+        attempt.hint = failure.hint
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _remove_empty_parents(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)

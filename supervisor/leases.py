@@ -1,0 +1,249 @@
+"""Claims on groups: who runs what, for how long (a lease on the database clock), and the reaper
+that returns abandoned work to its last checkpoint.
+
+A claim bumps the group's fencing token; every later write by the claimant names that token,
+so a worker whose lease was reaped (and the group re-claimed) can change nothing.
+Claim order: calibrator groups first (``priority``), then observation time.
+PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets several nodes claim from one queue; SQLite:
+the transaction is ``BEGIN IMMEDIATE`` (see :mod:`supervisor.db`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import psutil
+import structlog
+from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from supervisor.db import Database, is_sqlite
+from supervisor.errors import Category, Failure
+from supervisor.models import Group, StageAttempt
+from supervisor.states import Actor, State, transition
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """A lease owner: node, pid and process start time (pid reuse cannot impersonate it)."""
+
+    node: str
+    pid: int
+    start_time: float
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.pid}:{self.start_time:.3f}"
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        try:
+            node, pid, start = text.rsplit(":", 2)
+            return cls(node, int(pid), float(start))
+        except (ValueError, AttributeError):
+            return None
+
+    @classmethod
+    def this_process(cls, node_name: str = "") -> Owner:
+        pid = os.getpid()
+        return cls(node_name or socket.gethostname(), pid, psutil.Process(pid).create_time())
+
+    def provably_alive_here(self, node: str) -> bool:
+        """True only if this owner runs on ``node`` (this node) and its process still lives."""
+        if self.node != node:
+            return False
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.start_time) < 0.01
+        except psutil.NoSuchProcess:
+            return False
+
+    def provably_dead_here(self, node: str) -> bool:
+        return self.node == node and not self.provably_alive_here(node)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A group claimed to run one stage attempt."""
+
+    group_id: str
+    stage: str
+    attempt: int  # 1-based, within the current fallback tier
+    tier: int
+    fencing_token: int
+    owner: str
+    correlation_id: str
+    lease_expires_at: datetime
+
+
+def database_now(session: Session) -> datetime:
+    """The database server's clock, as aware UTC (leases must not trust node clocks)."""
+    if session.get_bind().dialect.name == "sqlite":
+        raw = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        return datetime.fromisoformat(raw).replace(tzinfo=UTC)
+    value = session.execute(text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar_one()
+    return value.replace(tzinfo=UTC)
+
+
+class Leases:
+    """Claim, renew and reap leases for one owner."""
+
+    def __init__(
+        self,
+        db: Database,
+        owner: Owner,
+        *,
+        lease_s: float,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.db = db
+        self.owner = owner
+        self.actor = Actor(str(owner))
+        self.lease = timedelta(seconds=lease_s)
+        self._clock = clock
+
+    def now(self, session: Session) -> datetime:
+        return self._clock() if self._clock is not None else database_now(session)
+
+    def claim_next(self) -> Claim | None:
+        """Claim the next runnable group, or return None when there is none."""
+        with self.db.transaction() as s:
+            now = self.now(s)
+            query = (
+                select(Group)
+                .where(
+                    or_(
+                        Group.state == State.PENDING.value,
+                        and_(Group.state == State.RETRY_WAIT.value, Group.next_attempt_at <= now),
+                    )
+                )
+                .order_by(Group.priority, Group.obs_start)
+                .limit(1)
+            )
+            if not is_sqlite(self.db.engine):
+                query = query.with_for_update(skip_locked=True)
+            group = s.scalars(query).first()
+            if group is None:
+                return None
+            token = group.fencing_token + 1
+            expires = now + self.lease
+            transition(
+                s,
+                group,
+                State.RUNNING,
+                now=now,
+                actor=self.actor,
+                message=f"claimed {group.stage} attempt {group.attempt + 1}",
+                set_fields={
+                    "fencing_token": token,
+                    "lease_owner": str(self.owner),
+                    "lease_expires_at": expires,
+                    "attempt": group.attempt + 1,
+                    "next_attempt_at": None,
+                },
+            )
+            return Claim(
+                group.group_id,
+                group.stage or "",
+                group.attempt,
+                group.fallback_tier,
+                token,
+                str(self.owner),
+                group.correlation_id,
+                expires,
+            )
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Extend the lease; False means it was lost (reaped, re-claimed or operator action)."""
+        with self.db.transaction() as s:
+            now = self.now(s)
+            result = s.execute(
+                update(Group)
+                .where(
+                    Group.group_id == claim.group_id,
+                    Group.fencing_token == claim.fencing_token,
+                    Group.state == State.RUNNING.value,
+                )
+                .values(lease_expires_at=now + self.lease)
+            )
+            return result.rowcount == 1  # type: ignore[attr-defined]
+
+    def reap(self, *, crash_budget: int, only_dead_here: bool = False) -> list[str]:
+        """Return running groups whose lease expired (or whose owner provably died on this
+        node) to their checkpoint: ``pending`` at the stage that was running, which never
+        committed. The fencing token moves on, so the old owner can no longer write.
+        A group reaped more than ``crash_budget`` times in a row is failed instead.
+        """
+        reaped = []
+        with self.db.transaction() as s:
+            now = self.now(s)
+            running = s.scalars(select(Group).where(Group.state == State.RUNNING.value)).all()
+            for group in running:
+                owner = Owner.parse(group.lease_owner or "")
+                dead_here = owner is not None and owner.provably_dead_here(self.owner.node)
+                expired = group.lease_expires_at is not None and group.lease_expires_at < now
+                if owner is not None and owner.provably_alive_here(self.owner.node):
+                    continue  # never while the owner is provably alive on this node
+                if not (dead_here or (expired and not only_dead_here)):
+                    continue
+                why = "owner process died" if dead_here else "lease expired"
+                self._abandon_attempts(s, group, now, why)
+                crashes = group.crash_count + 1
+                fields = {
+                    "fencing_token": group.fencing_token + 1,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "crash_count": crashes,
+                }
+                message = f"{why} (owner {group.lease_owner}); back to checkpoint {group.stage}"
+                if crashes > crash_budget:
+                    failure = Failure(
+                        Category.FATAL,
+                        "abandoned_too_often",
+                        f"{message}; abandoned {crashes} times (crash budget {crash_budget})",
+                        "the stage keeps killing its supervisor (memory?): inspect, then retry",
+                    )
+                    transition(
+                        s,
+                        group,
+                        State.FAILED,
+                        now=now,
+                        actor=self.actor,
+                        failure=failure,
+                        set_fields=fields,
+                    )
+                else:
+                    transition(
+                        s,
+                        group,
+                        State.PENDING,
+                        now=now,
+                        actor=self.actor,
+                        message=message,
+                        set_fields=fields,
+                    )
+                log.warning(
+                    "lease.reaped",
+                    group_id=group.group_id,
+                    stage=group.stage,
+                    reason=why,
+                    owner=owner and str(owner),
+                    correlation_id=group.correlation_id,
+                )
+                reaped.append(group.group_id)
+        return reaped
+
+    @staticmethod
+    def _abandon_attempts(s: Session, group: Group, now: datetime, why: str) -> None:
+        for attempt in s.scalars(
+            select(StageAttempt).where(
+                StageAttempt.group_id == group.group_id, StageAttempt.outcome == "running"
+            )
+        ):
+            attempt.outcome = "abandoned"
+            attempt.finished_at = now
+            attempt.error_message = why

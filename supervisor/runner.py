@@ -1,0 +1,273 @@
+"""Run one stage worker as a subprocess in its own session, watch it, and make sure that when
+it ends nothing it started is left running.
+
+The worker gets its own session and process group (so one signal reaches all of it), its own
+attempt directory as cwd, and a CASA site config routing CASA's log there. We remember every
+descendant we see while it runs: a grandchild that called ``setsid`` escapes the process
+group but not that list. On timeout, lost lease or shutdown: SIGTERM to everything, a grace
+period, SIGKILL, then a check that no member survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from supervisor.config import REPO_ROOT
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """A process as it can be recognised later: pid reuse is caught by the start time."""
+
+    pid: int
+    create_time: float  # psutil.Process.create_time(), seconds since the epoch
+
+    def process(self) -> psutil.Process | None:
+        """The live process with this identity, or None (gone, or the pid was reused)."""
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > 0.01:
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStarted:
+    pid: int
+    pgid: int
+    create_time: float
+
+
+@dataclass
+class RunOutcome:
+    """How a worker run ended. ``result`` is the parsed result JSON when it was valid."""
+
+    returncode: int | None
+    duration_s: float
+    timed_out: bool = False
+    lease_lost: bool = False
+    stopped: bool = False  # shutdown asked us to stop it
+    result: dict[str, Any] | None = None
+    result_problem: str | None = None  # why the result file was unusable, if it was
+    stderr_tail: str = ""
+    survivors: list[int] = field(default_factory=list)  # pids that would not die (should be [])
+
+    @property
+    def interrupted(self) -> bool:
+        return self.timed_out or self.lease_lost or self.stopped
+
+
+def worker_command(python: str, module: str, request_path: Path) -> list[str]:
+    return [python, "-m", module, "--request", str(request_path)]
+
+
+def worker_environment(base: dict[str, str]) -> dict[str, str]:
+    """Make the project's ``stages`` package importable by any casa6 interpreter."""
+    env = dict(base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_worker(
+    command: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    result_path: Path,
+    timeout_s: float,
+    grace_s: float,
+    heartbeat_s: float,
+    heartbeat: Callable[[], bool] = lambda: True,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_start: Callable[[WorkerStarted], None] = lambda _: None,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> RunOutcome:
+    """Start ``command`` and supervise it until it ends (see the module docstring).
+
+    ``heartbeat`` is called every ``heartbeat_s`` while the worker lives; returning False
+    means the lease is lost and the worker is stopped. ``should_stop`` is polled as often.
+    """
+    stdout = (cwd / "worker.stdout").open("ab")
+    stderr_path = cwd / "worker.stderr"
+    stderr = stderr_path.open("ab")
+    started = monotonic()
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        close_fds=True,
+    )
+    stdout.close()
+    stderr.close()
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:  # already gone; still reap it below
+        create_time = 0.0
+    on_start(WorkerStarted(proc.pid, proc.pid, create_time))
+    seen: dict[int, ProcessIdentity] = {proc.pid: ProcessIdentity(proc.pid, create_time)}
+    outcome = RunOutcome(returncode=None, duration_s=0.0)
+    next_beat = started + heartbeat_s
+    poll_s = min(0.2, heartbeat_s)
+    while True:
+        _remember_descendants(proc.pid, seen)
+        try:
+            proc.wait(timeout=poll_s)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        now = monotonic()
+        if now - started > timeout_s:
+            outcome.timed_out = True
+        elif should_stop():
+            outcome.stopped = True
+        elif now >= next_beat:
+            next_beat = now + heartbeat_s
+            if not heartbeat():
+                outcome.lease_lost = True
+        if outcome.interrupted:
+            terminate(list(seen.values()), proc.pid, grace_s)
+            proc.wait()
+            break
+    # Whatever happened, the worker's session must be empty when we return.
+    outcome.survivors = terminate(list(seen.values()), proc.pid, grace_s)
+    outcome.returncode = proc.returncode
+    outcome.duration_s = monotonic() - started
+    outcome.stderr_tail = _tail(stderr_path)
+    outcome.result, outcome.result_problem = read_result(result_path)
+    return outcome
+
+
+def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse and sanity-check a worker's result file: (result, None) or (None, problem)."""
+    if not path.exists():
+        return None, "no result file"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"result file is not valid JSON: {exc}"
+    if not isinstance(data, dict) or data.get("status") not in ("succeeded", "failed"):
+        return None, "result file lacks a status of succeeded/failed"
+    if data["status"] == "failed" and not isinstance(data.get("error"), dict):
+        return None, "failed result without an error record"
+    if data["status"] == "succeeded" and not isinstance(data.get("artifacts", []), list):
+        return None, "artifacts must be a list"
+    return data, None
+
+
+def terminate(members: list[ProcessIdentity], session_id: int, grace_s: float) -> list[int]:
+    """SIGTERM every live member (and the process group ``session_id``), wait ``grace_s``,
+    SIGKILL the rest; return the pids still alive afterwards (normally none)."""
+    _signal_group(session_id, signal.SIGTERM)
+    live = _live(members) + _session_members(session_id)
+    for proc in live:
+        _send(proc, signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(live, timeout=grace_s)
+    if alive:
+        _signal_group(session_id, signal.SIGKILL)
+        for proc in alive:
+            _send(proc, signal.SIGKILL)
+        _gone, alive = psutil.wait_procs(alive, timeout=5.0)
+    stragglers = _live(members) + _session_members(session_id)
+    for proc in stragglers:  # late forks seen only now
+        _send(proc, signal.SIGKILL)
+    psutil.wait_procs(stragglers, timeout=2.0)
+    return sorted({p.pid for p in _live(members) + _session_members(session_id)})
+
+
+def kill_leftover(pid: int, create_time: float, grace_s: float) -> bool:
+    """Kill a worker recorded by an earlier daemon life, if that very process still runs.
+
+    Returns True if something was killed. A pid that now belongs to another process (its
+    start time differs) is left alone.
+    """
+    ident = ProcessIdentity(pid, create_time)
+    proc = ident.process()
+    if proc is None:
+        if psutil.pid_exists(pid):
+            return False  # the pid now belongs to someone else: not ours to touch
+        # The worker is gone, but Linux keeps its session id reserved while members live.
+        if not _session_members(pid):
+            return False
+        terminate([], pid, grace_s)
+        return True
+    members = [ident] + [ProcessIdentity(c.pid, c.create_time()) for c in _safe_children(proc)]
+    terminate(members, pid, grace_s)
+    return True
+
+
+def _remember_descendants(pid: int, seen: dict[int, ProcessIdentity]) -> None:
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for child in _safe_children(root):
+        try:
+            seen.setdefault(child.pid, ProcessIdentity(child.pid, child.create_time()))
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _safe_children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _live(members: list[ProcessIdentity]) -> list[psutil.Process]:
+    return [p for p in (m.process() for m in members) if p is not None]
+
+
+def _session_members(session_id: int) -> list[psutil.Process]:
+    """Live processes whose session or process group is ``session_id``."""
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid == os.getpid():
+                continue
+            in_session = session_id in (os.getsid(proc.pid), os.getpgid(proc.pid))
+            if in_session and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return out
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _send(proc: psutil.Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        proc.send_signal(sig)
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,76 @@
+"""A test-only stage worker whose behaviour the request chooses (``params.behaviour``).
+
+succeed | raise | classified | hang | ignore_sigterm | grandchild | signal | garbage |
+no_result | partial | slow_success | bad_artifact
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.protocol import StageFailure, run
+
+
+def stage(request: dict[str, Any]) -> dict[str, Any]:
+    params = request["tier"]["params"]
+    behaviour = params.get("behaviour", "succeed")
+    behaviours = request.get("behaviours_by_attempt")
+    if behaviours:  # e.g. fail twice then succeed
+        behaviour = behaviours[min(request["attempt"], len(behaviours)) - 1]
+    out = Path(request["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / f"{request['stage']}.out"
+    if behaviour in ("partial", "raise", "hang", "ignore_sigterm", "grandchild", "signal"):
+        marker.write_text("partial output that must be rolled back")
+    if behaviour == "succeed" or behaviour == "slow_success":
+        if behaviour == "slow_success":
+            time.sleep(float(params.get("seconds", 1.0)))
+        marker.write_text(f"{request['group_id']} {request['stage']} attempt {request['attempt']}")
+        return {
+            "artifacts": [{"path": marker.name, "kind": f"{request['stage']}_output"}],
+            "metrics": {"answer": 42},
+        }
+    if behaviour == "bad_artifact":
+        return {"artifacts": [{"path": "never-written.ms", "kind": "ms"}]}
+    if behaviour == "raise":
+        raise RuntimeError(params.get("message", "something unexpected"))
+    if behaviour == "classified":
+        raise StageFailure(
+            params.get("category", "validation"),
+            params.get("code", "bad_data"),
+            params.get("message", "the data are bad"),
+            "hint from the worker",
+        )
+    if behaviour == "hang":
+        time.sleep(3600)
+    if behaviour == "ignore_sigterm":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(3600)
+    if behaviour == "grandchild":
+        # A grandchild in its own session: escapes the worker's process group.
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(3600)"],
+            start_new_session=bool(params.get("new_session", True)),
+        )
+        (out / "grandchild.pid").write_text(str(child.pid))
+        if params.get("then") == "exit":
+            return {"artifacts": [], "metrics": {}}
+        time.sleep(3600)
+    if behaviour == "signal":
+        os.kill(os.getpid(), int(params.get("signum", signal.SIGSEGV)))
+    if behaviour == "garbage":
+        Path(request["result_path"]).write_text("{not json")
+        os._exit(0)
+    if behaviour == "no_result":
+        os._exit(int(params.get("exit_code", 0)))
+    raise ValueError(f"unknown behaviour {behaviour!r}")
+
+
+if __name__ == "__main__":
+    run(stage)
