@@ -221,6 +221,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     counts = ", ".join(f"{k} {v}" for k, v in status["states"].items() if v) or "no groups"
     print(f"groups: {counts}; rejected files: {status['rejected_files']}")
+    for g in status["in_flight"]:
+        print(
+            f"running: {g['group_id']} {g['stage']} attempt {g['attempt']} "
+            f"(owner {g['owner']}, lease until {g['lease_expires_at']})"
+        )
+    for f in status["recent_failures"][:5]:
+        print(
+            f"recent {f['state']}: {f['group_id']} {f['stage'] or ''} "
+            f"[{f['category']}/{f['code']}] {f['message']}"
+        )
     if status["groups"]:
         print(f"{'group':20} {'state':20} {'stage':10} {'files':>5}  reason")
         for g in status["groups"]:
@@ -231,7 +241,115 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from supervisor.daemon import Daemon
+    from supervisor.logs import configure_logging
+
+    cfg = load_config(args.config, workspace=args.workspace)
+    configure_logging(cfg.logging.level, cfg.logging.format, stream=sys.stdout)
+    db = _database(cfg)
+    if not cfg.incoming_dir.is_dir():
+        raise UsageError(f"incoming directory {cfg.incoming_dir} does not exist (paths.incoming)")
+    daemon = Daemon(cfg, db)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop())
+    summary = daemon.run(until_idle=args.until_idle, max_attempts=args.max_attempts)
+    print(
+        json.dumps(
+            {
+                "event": "run.finished",
+                "attempts": summary.attempts,
+                "outcomes": summary.outcomes,
+                "reaped": summary.reaped,
+                "leftovers_killed": summary.leftovers_killed,
+            }
+        ),
+        flush=True,
+    )
+    return EXIT_OK
+
+
+def _operator(args: argparse.Namespace, action: Any) -> int:
+    from supervisor.operator import OperatorError
+
+    cfg = _load(args)
+    db = _database(cfg)
+    try:
+        group = action(db)
+    except OperatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"{group.group_id}: {group.state} at stage {group.stage}")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from supervisor.operator import retry_group
+
+    return _operator(args, lambda db: retry_group(db, args.group))
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from supervisor.operator import requeue_group
+
+    return _operator(args, lambda db: requeue_group(db, args.group, args.from_stage))
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from supervisor.operator import quarantine_group
+
+    return _operator(args, lambda db: quarantine_group(db, args.group, args.reason))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from supervisor.operator import OperatorError, show_group
+
+    cfg = _load(args)
+    db = _database(cfg)
+    try:
+        info = show_group(db, args.group)
+    except OperatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    print(
+        f"group {info['group_id']}: {info['state']} (stage {info['stage'] or '-'}, "
+        f"calibrator {info['calibrator'] or 'none'}, files ready {info['files_ready']})"
+    )
+    if info["reason"]:
+        print(f"  reason: {info['reason']}")
+    print("transitions:")
+    for t in info["transitions"]:
+        extra = f" [{t['category']}/{t['code']}]" if t["category"] else ""
+        print(
+            f"  {t['at']}  {t['from'] or '-':>19} -> {t['to']:<19} {t['stage'] or '':<9}"
+            f"{extra} {t['message'] or ''}  ({t['actor']})"
+        )
+        if t["hint"]:
+            print(f"      hint: {t['hint']}")
+    print("attempts:")
+    for a in info["attempts"]:
+        err = a["error"]
+        detail = f" {err['category']}/{err['code']}: {err['message']}" if err else ""
+        print(
+            f"  {a['stage']:<9} #{a['attempt']} tier {a['tier']} {a['outcome']:<9} "
+            f"rc={a['exit_code']}{detail}"
+        )
+        print(f"      logs: {a['workdir']}")
+    for art in info["artifacts"]:
+        print(f"  artifact {art['kind']}: {art['path']} ({art['bytes']} bytes)")
+    return EXIT_OK
+
+
 # Parser ---------------------------------------------------------------------------------
+
+
+def _stages() -> list[Any]:
+    from supervisor.states import Stage
+
+    return list(Stage)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("ingest", cmd_ingest, "scan incoming, group subbands, queue groups", json_flag=True)
     p.add_argument("--once", action="store_true", help="one scan (waiting for settling files)")
+
+    p = add("run", cmd_run, "the daemon: ingest, claim and run groups through the stages")
+    p.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="exit 0 once nothing is runnable, running or waiting to retry",
+    )
+    p.add_argument("--max-attempts", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = add("show", cmd_show, "one group's full history", json_flag=True)
+    p.add_argument("group")
+    p = add("retry", cmd_retry, "run a failed/quarantined/waiting group again from its checkpoint")
+    p.add_argument("group")
+    p = add("requeue", cmd_requeue, "send a group back to an earlier (committed) stage")
+    p.add_argument("group")
+    p.add_argument("--from-stage", required=True, choices=[s.value for s in _stages()])
+    p = add("quarantine", cmd_quarantine, "take a group out of processing")
+    p.add_argument("group")
+    p.add_argument("--reason", required=True)
 
     p = add("status", cmd_status, "counts per state and the newest groups", json_flag=True)
     p.add_argument("--limit", type=int, default=20, help="how many groups to list")

@@ -23,7 +23,7 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.toml"
 DEFAULT_CATALOGUE_PATH = REPO_ROOT / "config" / "calibrators.toml"
 ENV_PREFIX = "CONTIMG_"
 # Variables with this prefix that are not key overrides; everything else with a "__" is one.
-NON_OVERRIDE_ENV = {"CONTIMG_WORKSPACE", "CONTIMG_CONFIG"}
+NON_OVERRIDE_ENV = {"CONTIMG_WORKSPACE", "CONTIMG_CONFIG", "CONTIMG_ATTEMPT_MARK"}
 
 
 def _rule(

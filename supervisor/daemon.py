@@ -72,14 +72,15 @@ class Daemon:
         node = self.owner.node
         with self.db.transaction() as s:
             orphans = [
-                (a.id, a.group_id, a.pid, a.proc_start_time, a.owner)
+                (a.id, a.group_id, a.pid, a.proc_start_time, a.owner, a.workdir)
                 for a in s.scalars(select(StageAttempt).where(StageAttempt.outcome == "running"))
             ]
-        for _id, group_id, pid, start_time, owner_text in orphans:
+        for _id, group_id, pid, start_time, owner_text, workdir in orphans:
             owner = Owner.parse(owner_text)
-            if owner is None or not owner.provably_dead_here(node) or pid is None:
+            if owner is None or not owner.provably_dead_here(node):
                 continue
-            if kill_leftover(pid, start_time or 0.0, self.cfg.daemon.term_grace_s):
+            if kill_leftover(pid or -1, start_time or 0.0, self.cfg.daemon.term_grace_s,
+                             mark=workdir):
                 self.summary.leftovers_killed += 1
                 log.warning("recover.killed_leftover_worker", group_id=group_id, pid=pid)
         self.summary.reaped += self.leases.reap(

@@ -119,7 +119,7 @@ class StageExecutor:
         outcome = run_worker(
             worker_command(python, stage_cfg.module, paths.request),
             cwd=paths.workdir,
-            env=worker_environment(casa_environment(site)),
+            env=worker_environment(casa_environment(site), mark=str(paths.workdir)),
             result_path=paths.result,
             timeout_s=stage_cfg.timeout_s,
             grace_s=self.cfg.daemon.term_grace_s,

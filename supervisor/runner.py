@@ -25,6 +25,8 @@ import psutil
 
 from supervisor.config import REPO_ROOT
 
+ATTEMPT_MARK_ENV = "CONTIMG_ATTEMPT_MARK"
+
 
 @dataclass(frozen=True, slots=True)
 class ProcessIdentity:
@@ -76,9 +78,11 @@ def worker_command(python: str, module: str, request_path: Path) -> list[str]:
     return [python, "-m", module, "--request", str(request_path)]
 
 
-def worker_environment(base: dict[str, str]) -> dict[str, str]:
-    """Make the project's ``stages`` package importable by any casa6 interpreter."""
+def worker_environment(base: dict[str, str], mark: str) -> dict[str, str]:
+    """Make the project's ``stages`` package importable by any casa6 interpreter, and mark
+    every process of this attempt with ``mark`` (unique per attempt)."""
     env = dict(base)
+    env[ATTEMPT_MARK_ENV] = mark
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -144,11 +148,12 @@ def run_worker(
             if not heartbeat():
                 outcome.lease_lost = True
         if outcome.interrupted:
-            terminate(list(seen.values()), proc.pid, grace_s)
+            terminate(list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV))
             proc.wait()
             break
-    # Whatever happened, the worker's session must be empty when we return.
-    outcome.survivors = terminate(list(seen.values()), proc.pid, grace_s)
+    # Whatever happened, nothing of the attempt may outlive it.
+    outcome.survivors = terminate(list(seen.values()), proc.pid, grace_s,
+                                  env.get(ATTEMPT_MARK_ENV))
     outcome.returncode = proc.returncode
     outcome.duration_s = monotonic() - started
     outcome.stderr_tail = _tail(stderr_path)
@@ -173,11 +178,21 @@ def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return data, None
 
 
-def terminate(members: list[ProcessIdentity], session_id: int, grace_s: float) -> list[int]:
-    """SIGTERM every live member (and the process group ``session_id``), wait ``grace_s``,
-    SIGKILL the rest; return the pids still alive afterwards (normally none)."""
+def terminate(
+    members: list[ProcessIdentity], session_id: int, grace_s: float, mark: str | None = None
+) -> list[int]:
+    """SIGTERM every live member, the process group ``session_id`` and every process marked
+    ``mark``; wait ``grace_s``; SIGKILL the rest. Return the pids still alive afterwards
+    (normally none)."""
+
+    def everyone() -> list[psutil.Process]:
+        found = {p.pid: p for p in _live(members) + _session_members(session_id)}
+        if mark:
+            found.update((p.pid, p) for p in _marked(mark))
+        return list(found.values())
+
     _signal_group(session_id, signal.SIGTERM)
-    live = _live(members) + _session_members(session_id)
+    live = everyone()
     for proc in live:
         _send(proc, signal.SIGTERM)
     _gone, alive = psutil.wait_procs(live, timeout=grace_s)
@@ -186,11 +201,11 @@ def terminate(members: list[ProcessIdentity], session_id: int, grace_s: float) -
         for proc in alive:
             _send(proc, signal.SIGKILL)
         _gone, alive = psutil.wait_procs(alive, timeout=5.0)
-    stragglers = _live(members) + _session_members(session_id)
+    stragglers = everyone()
     for proc in stragglers:  # late forks seen only now
         _send(proc, signal.SIGKILL)
     psutil.wait_procs(stragglers, timeout=2.0)
-    return sorted({p.pid for p in _live(members) + _session_members(session_id)})
+    return sorted(p.pid for p in everyone())
 
 
 def kill_leftover(pid: int, create_time: float, grace_s: float) -> bool:
@@ -239,7 +254,9 @@ def _live(members: list[ProcessIdentity]) -> list[psutil.Process]:
 
 def _session_members(session_id: int) -> list[psutil.Process]:
     """Live processes whose session or process group is ``session_id``."""
-    out = []
+    out: list[psutil.Process] = []
+    if session_id <= 0:
+        return out
     for proc in psutil.process_iter(["pid"]):
         try:
             if proc.pid == os.getpid():
@@ -252,7 +269,23 @@ def _session_members(session_id: int) -> list[psutil.Process]:
     return out
 
 
+def _marked(mark: str) -> list[psutil.Process]:
+    """Live processes whose environment carries this attempt's mark."""
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(ATTEMPT_MARK_ENV) == mark and (
+                proc.status() != psutil.STATUS_ZOMBIE
+            ):
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return out
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    if pgid <= 0:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 

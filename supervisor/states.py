@@ -178,14 +178,14 @@ def transition(
             + (f" with fencing token {fencing_token}" if fencing_token is not None else "")
             + f"; not moved to {to}"
         )
-    previous = group.state
+    previous, previous_stage = group.state, group.stage
     session.refresh(group)
     session.add(
         Transition(
             group_id=group.group_id,
             from_state=previous if previous in expected else ",".join(expected),
             to_state=to.value,
-            stage=group.stage,
+            stage=previous_stage or group.stage,  # the stage this change concerns
             at=now,
             attempt=group.attempt,
             fencing_token=group.fencing_token,

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from supervisor.db import Database
-from supervisor.models import Group, SubbandFile
+from supervisor.models import Group, SubbandFile, Transition
 from supervisor.states import State
 
 
@@ -44,8 +44,44 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
         rejected = s.scalar(
             select(func.count()).select_from(SubbandFile).where(SubbandFile.status == "rejected")
         )
+        in_flight = s.scalars(
+            select(Group).where(Group.state == State.RUNNING.value).order_by(Group.obs_start)
+        ).all()
+        failures = s.scalars(
+            select(Transition)
+            .where(
+                Transition.to_state.in_(
+                    [State.FAILED.value, State.QUARANTINED.value, State.RETRY_WAIT.value]
+                )
+            )
+            .order_by(Transition.id.desc())
+            .limit(10)
+        ).all()
         return {
             "states": {state.value: int(counts.get(state.value, 0)) for state in State},
             "groups": [group_summary(g, ready_counts.get(g.group_id, 0)) for g in newest],
+            "in_flight": [
+                {
+                    "group_id": g.group_id,
+                    "stage": g.stage,
+                    "attempt": g.attempt,
+                    "owner": g.lease_owner,
+                    "lease_expires_at": g.lease_expires_at and g.lease_expires_at.isoformat(),
+                }
+                for g in in_flight
+            ],
+            "recent_failures": [
+                {
+                    "group_id": t.group_id,
+                    "at": t.at.isoformat(),
+                    "state": t.to_state,
+                    "stage": t.stage,
+                    "category": t.category,
+                    "code": t.code,
+                    "message": t.message,
+                    "hint": t.hint,
+                }
+                for t in failures
+            ],
             "rejected_files": int(rejected or 0),
         }

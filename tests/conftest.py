@@ -142,3 +142,59 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> SimulatedNight:
     truths = simulate(directory, SimulationSpec(n_groups=3, calibrator="3C48", seed=7))
     files = {t.group_id: sorted(directory / name for name in t.files) for t in truths}
     return SimulatedNight(directory, [t.group_id for t in truths], files)
+
+
+# Orchestration with the fake stage worker -------------------------------------------------
+
+FAST = {
+    "retry": {"base_delay_s": 0.05, "max_delay_s": 0.2, "crash_budget": 1},
+    "daemon": {"heartbeat_s": 0.3, "lease_s": 30.0, "idle_poll_s": 0.05, "term_grace_s": 1.0},
+}
+
+
+def fake_pipeline_config(workspace: Path, **stages: dict) -> Config:
+    """A config whose five stages run ``tests.fake_stage``; ``stages`` overrides per stage,
+    e.g. ``convert={"tiers": [{"name": "primary", "params": {"behaviour": "raise"}}]}``."""
+    import tomllib  # noqa: F401 - the file below is TOML; built by hand to stay readable
+
+    lines = []
+    for section, values in FAST.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {v!r}" for k, v in values.items()]
+    for name in ("preflight", "convert", "calibrate", "image", "register"):
+        spec = {"module": "tests.fake_stage", "timeout_s": 20.0, **stages.get(name, {})}
+        lines.append(f"[stages.{name}]")
+        for key, value in spec.items():
+            lines.append(f"{key} = {_toml(value)}")
+    path = workspace / "fake.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_config(path, workspace=workspace, environ={})
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def add_pending_group(db: Database, group_id: str, *, priority: int = 1,
+                      calibrator: str | None = None) -> None:
+    """A group straight in ``pending`` at preflight (orchestration tests skip ingest)."""
+    from supervisor.models import Group
+    from supervisor.states import Actor, State, create_group, transition
+
+    when = datetime.strptime(group_id, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    with db.transaction() as s:
+        create_group(s, group_id=group_id, obs_start=when, now=now, actor=Actor("test"))
+        group = s.get(Group, group_id)
+        transition(s, group, State.PENDING, now=now, actor=Actor("test"),
+                   set_fields={"stage": "preflight", "priority": priority,
+                               "is_calibrator": calibrator is not None,
+                               "calibrator_name": calibrator})

@@ -20,9 +20,10 @@ from stages.protocol import StageFailure, run
 def stage(request: dict[str, Any]) -> dict[str, Any]:
     params = request["tier"]["params"]
     behaviour = params.get("behaviour", "succeed")
-    behaviours = request.get("behaviours_by_attempt")
-    if behaviours:  # e.g. fail twice then succeed
-        behaviour = behaviours[min(request["attempt"], len(behaviours)) - 1]
+    sequence = params.get("sequence")  # e.g. "no_result,succeed": by attempt number
+    if sequence:
+        steps = str(sequence).split(",")
+        behaviour = steps[min(request["attempt"], len(steps)) - 1]
     out = Path(request["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     marker = out / f"{request['stage']}.out"

@@ -1,0 +1,272 @@
+"""What an operator can do to one group: look at its whole history, retry it, requeue it from
+an earlier stage, or quarantine it. Every action is an audited transition like any other."""
+
+from __future__ import annotations
+
+import getpass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from supervisor.db import Database
+from supervisor.errors import Category, Failure
+from supervisor.leases import database_now
+from supervisor.models import Artifact, Group, StageAttempt, SubbandFile, Transition
+from supervisor.states import STAGE_ORDER, Actor, Stage, State, transition
+from supervisor.status import group_summary
+
+
+class OperatorError(Exception):
+    exit_code = 2
+
+
+class GroupNotFound(OperatorError):
+    exit_code = 1
+
+
+class ForbiddenAction(OperatorError):
+    exit_code = 2
+
+
+def operator_actor() -> Actor:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return Actor(f"operator:{user}")
+
+
+def _get(s: Session, group_id: str) -> Group:
+    group = s.get(Group, group_id)
+    if group is None:
+        raise GroupNotFound(f"no group {group_id!r} (see `contimg-supervisor status`)")
+    return group
+
+
+def show_group(db: Database, group_id: str) -> dict[str, Any]:
+    """The group with its full history: transitions, attempts (errors, hints), artifacts."""
+    with db.transaction() as s:
+        group = _get(s, group_id)
+        files = s.scalars(
+            select(SubbandFile)
+            .where(SubbandFile.group_id == group_id)
+            .order_by(SubbandFile.subband, SubbandFile.id)
+        ).all()
+        out = group_summary(group, sum(f.status == "ready" for f in files))
+        out.update(
+            correlation_id=group.correlation_id,
+            is_calibrator=group.is_calibrator,
+            fallback_tier=group.fallback_tier,
+            crash_count=group.crash_count,
+            fencing_token=group.fencing_token,
+            lease_owner=group.lease_owner,
+            lease_expires_at=_iso(group.lease_expires_at),
+            next_attempt_at=_iso(group.next_attempt_at),
+            completed_at=_iso(group.completed_at),
+        )
+        out["transitions"] = [
+            {
+                "at": _iso(t.at),
+                "from": t.from_state,
+                "to": t.to_state,
+                "stage": t.stage,
+                "attempt": t.attempt,
+                "category": t.category,
+                "code": t.code,
+                "message": t.message,
+                "hint": t.hint,
+                "actor": t.actor,
+            }
+            for t in s.scalars(
+                select(Transition).where(Transition.group_id == group_id).order_by(Transition.id)
+            )
+        ]
+        out["attempts"] = [
+            {
+                "stage": a.stage,
+                "attempt": a.attempt,
+                "tier": a.fallback_tier,
+                "outcome": a.outcome,
+                "started_at": _iso(a.started_at),
+                "finished_at": _iso(a.finished_at),
+                "exit_code": a.exit_code,
+                "pid": a.pid,
+                "workdir": a.workdir,
+                "error": None
+                if a.error_category is None
+                else {
+                    "category": a.error_category,
+                    "code": a.error_code,
+                    "type": a.error_type,
+                    "message": a.error_message,
+                    "hint": a.hint,
+                },
+            }
+            for a in s.scalars(
+                select(StageAttempt)
+                .where(StageAttempt.group_id == group_id)
+                .order_by(StageAttempt.id)
+            )
+        ]
+        out["artifacts"] = [
+            {"stage": a.stage, "kind": a.kind, "path": a.path, "bytes": a.bytes}
+            for a in s.scalars(
+                select(Artifact).where(Artifact.group_id == group_id).order_by(Artifact.id)
+            )
+        ]
+        out["files"] = [
+            {
+                "subband": f.subband,
+                "path": f.path,
+                "status": f.status,
+                "reason_code": f.reason_code,
+                "reason": f.reason,
+            }
+            for f in files
+        ]
+        return out
+
+
+_RESET = {
+    "attempt": 0,
+    "crash_count": 0,
+    "fallback_tier": 0,
+    "next_attempt_at": None,
+    "lease_owner": None,
+    "lease_expires_at": None,
+}
+
+
+def retry_group(
+    db: Database, group_id: str, *, now: datetime | None = None, actor: Actor | None = None
+) -> Group:
+    """Run a failed, quarantined or retry-waiting group again from its checkpoint, now,
+    with fresh budgets."""
+    with db.transaction() as s:
+        group = _get(s, group_id)
+        allowed = (State.FAILED, State.QUARANTINED, State.RETRY_WAIT, State.WAITING_CALIBRATION)
+        if group.state not in allowed:
+            raise ForbiddenAction(
+                f"group {group_id} is {group.state}: retry applies to "
+                f"{', '.join(allowed)}; see `requeue --from-stage` for completed groups"
+            )
+        if group.stage is None:
+            raise ForbiddenAction(
+                f"group {group_id} never completed ingest ({group.state_reason}); "
+                "use `requeue --from-stage preflight` once its files are fixed"
+            )
+        return transition(
+            s,
+            group,
+            State.PENDING,
+            now=now or database_now(s),
+            actor=actor or operator_actor(),
+            message=f"operator retry at stage {group.stage}",
+            set_fields=_RESET,
+        )
+
+
+def requeue_group(
+    db: Database,
+    group_id: str,
+    from_stage: str,
+    *,
+    now: datetime | None = None,
+    actor: Actor | None = None,
+) -> Group:
+    """Send a group that is not running back to ``from_stage`` (which must not lie beyond
+    its last committed stage)."""
+    try:
+        stage = Stage(from_stage)
+    except ValueError:
+        raise ForbiddenAction(
+            f"unknown stage {from_stage!r}; stages are {', '.join(STAGE_ORDER)}"
+        ) from None
+    with db.transaction() as s:
+        group = _get(s, group_id)
+        if group.state in (State.RUNNING, State.COLLECTING):
+            raise ForbiddenAction(f"group {group_id} is {group.state}: cannot requeue it now")
+        checkpoint = (
+            len(STAGE_ORDER)
+            if group.state == State.COMPLETED
+            else (STAGE_ORDER.index(Stage(group.stage)) if group.stage else 0)
+        )
+        if STAGE_ORDER.index(stage) > checkpoint:
+            raise ForbiddenAction(
+                f"group {group_id}: cannot requeue from {stage}, stages before it never "
+                f"committed (checkpoint: {group.stage or 'preflight'})"
+            )
+        if group.state == State.PENDING:
+            group.stage = stage.value  # already runnable: only move its checkpoint back
+            s.add(
+                Transition(
+                    group_id=group_id,
+                    from_state="pending",
+                    to_state="pending",
+                    stage=stage.value,
+                    at=now or database_now(s),
+                    attempt=0,
+                    fencing_token=group.fencing_token,
+                    actor=(actor or operator_actor()).name,
+                    correlation_id=group.correlation_id,
+                    message=f"operator requeue from {stage}",
+                )
+            )
+            return group
+        return transition(
+            s,
+            group,
+            State.PENDING,
+            now=now or database_now(s),
+            actor=actor or operator_actor(),
+            message=f"operator requeue from {stage}",
+            set_fields={**_RESET, "stage": stage.value, "completed_at": None},
+        )
+
+
+def quarantine_group(
+    db: Database,
+    group_id: str,
+    reason: str,
+    *,
+    now: datetime | None = None,
+    actor: Actor | None = None,
+) -> Group:
+    """Take a group out of processing (not while a worker runs it)."""
+    with db.transaction() as s:
+        group = _get(s, group_id)
+        if group.state == State.RUNNING:
+            raise ForbiddenAction(
+                f"group {group_id} is running ({group.stage}); quarantine it after the attempt ends"
+            )
+        if group.state == State.QUARANTINED:
+            raise ForbiddenAction(f"group {group_id} is already quarantined")
+        if State.QUARANTINED not in _allowed_from(group.state):
+            raise ForbiddenAction(f"group {group_id} is {group.state}: cannot quarantine")
+        failure = Failure(
+            Category.VALIDATION,
+            "operator_quarantine",
+            reason,
+            "quarantined by an operator; `retry` or `requeue` to resume",
+        )
+        return transition(
+            s,
+            group,
+            State.QUARANTINED,
+            now=now or database_now(s),
+            actor=actor or operator_actor(),
+            failure=failure,
+            set_fields={"next_attempt_at": None},
+        )
+
+
+def _allowed_from(state: str) -> frozenset[State]:
+    from supervisor.states import ALLOWED
+
+    return ALLOWED[State(state)]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
