@@ -79,8 +79,9 @@ class Daemon:
             owner = Owner.parse(owner_text)
             if owner is None or not owner.provably_dead_here(node):
                 continue
-            if kill_leftover(pid or -1, start_time or 0.0, self.cfg.daemon.term_grace_s,
-                             mark=workdir):
+            if kill_leftover(
+                pid or -1, start_time or 0.0, self.cfg.daemon.term_grace_s, mark=workdir
+            ):
                 self.summary.leftovers_killed += 1
                 log.warning("recover.killed_leftover_worker", group_id=group_id, pid=pid)
         self.summary.reaped += self.leases.reap(

@@ -152,8 +152,7 @@ def run_worker(
             proc.wait()
             break
     # Whatever happened, nothing of the attempt may outlive it.
-    outcome.survivors = terminate(list(seen.values()), proc.pid, grace_s,
-                                  env.get(ATTEMPT_MARK_ENV))
+    outcome.survivors = terminate(list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV))
     outcome.returncode = proc.returncode
     outcome.duration_s = monotonic() - started
     outcome.stderr_tail = _tail(stderr_path)
@@ -208,25 +207,25 @@ def terminate(
     return sorted(p.pid for p in everyone())
 
 
-def kill_leftover(pid: int, create_time: float, grace_s: float) -> bool:
-    """Kill a worker recorded by an earlier daemon life, if that very process still runs.
+def kill_leftover(pid: int, create_time: float, grace_s: float, mark: str) -> bool:
+    """Kill what a worker recorded by an earlier daemon life left running: the worker
+    itself if that very process still runs (pid + start time), its session, and every
+    process carrying its attempt ``mark``. Returns True if anything was found.
 
-    Returns True if something was killed. A pid that now belongs to another process (its
-    start time differs) is left alone.
+    A pid that now belongs to another process (different start time) is not touched.
     """
     ident = ProcessIdentity(pid, create_time)
-    proc = ident.process()
-    if proc is None:
-        if psutil.pid_exists(pid):
-            return False  # the pid now belongs to someone else: not ours to touch
-        # The worker is gone, but Linux keeps its session id reserved while members live.
-        if not _session_members(pid):
-            return False
-        terminate([], pid, grace_s)
-        return True
-    members = [ident] + [ProcessIdentity(c.pid, c.create_time()) for c in _safe_children(proc)]
-    terminate(members, pid, grace_s)
-    return True
+    proc = ident.process() if pid > 0 else None
+    members: list[ProcessIdentity] = []
+    session = pid
+    if proc is not None:
+        members = [ident] + [ProcessIdentity(c.pid, c.create_time()) for c in _safe_children(proc)]
+    elif pid <= 0 or psutil.pid_exists(pid):
+        session = -1  # never started, or the pid was reused: that session is not ours
+    found = bool(members) or bool(_marked(mark)) or bool(_session_members(session))
+    if found:
+        terminate(members, session, grace_s, mark)
+    return found
 
 
 def _remember_descendants(pid: int, seen: dict[int, ProcessIdentity]) -> None:
@@ -274,8 +273,10 @@ def _marked(mark: str) -> list[psutil.Process]:
     out = []
     for proc in psutil.process_iter(["pid"]):
         try:
-            if proc.pid != os.getpid() and proc.environ().get(ATTEMPT_MARK_ENV) == mark and (
-                proc.status() != psutil.STATUS_ZOMBIE
+            if (
+                proc.pid != os.getpid()
+                and proc.environ().get(ATTEMPT_MARK_ENV) == mark
+                and (proc.status() != psutil.STATUS_ZOMBIE)
             ):
                 out.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):

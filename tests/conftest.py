@@ -152,13 +152,16 @@ FAST = {
 }
 
 
-def fake_pipeline_config(workspace: Path, **stages: dict) -> Config:
+def fake_pipeline_config(workspace: Path, settings: dict | None = None, **stages: dict) -> Config:
     """A config whose five stages run ``tests.fake_stage``; ``stages`` overrides per stage,
     e.g. ``convert={"tiers": [{"name": "primary", "params": {"behaviour": "raise"}}]}``."""
     import tomllib  # noqa: F401 - the file below is TOML; built by hand to stay readable
 
     lines = []
-    for section, values in FAST.items():
+    merged = {section: dict(values) for section, values in FAST.items()}
+    for section, values in (settings or {}).items():
+        merged.setdefault(section, {}).update(values)
+    for section, values in merged.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {v!r}" for k, v in values.items()]
     for name in ("preflight", "convert", "calibrate", "image", "register"):
@@ -183,8 +186,9 @@ def _toml(value: object) -> str:
     return repr(value)
 
 
-def add_pending_group(db: Database, group_id: str, *, priority: int = 1,
-                      calibrator: str | None = None) -> None:
+def add_pending_group(
+    db: Database, group_id: str, *, priority: int = 1, calibrator: str | None = None
+) -> None:
     """A group straight in ``pending`` at preflight (orchestration tests skip ingest)."""
     from supervisor.models import Group
     from supervisor.states import Actor, State, create_group, transition
@@ -194,7 +198,16 @@ def add_pending_group(db: Database, group_id: str, *, priority: int = 1,
     with db.transaction() as s:
         create_group(s, group_id=group_id, obs_start=when, now=now, actor=Actor("test"))
         group = s.get(Group, group_id)
-        transition(s, group, State.PENDING, now=now, actor=Actor("test"),
-                   set_fields={"stage": "preflight", "priority": priority,
-                               "is_calibrator": calibrator is not None,
-                               "calibrator_name": calibrator})
+        transition(
+            s,
+            group,
+            State.PENDING,
+            now=now,
+            actor=Actor("test"),
+            set_fields={
+                "stage": "preflight",
+                "priority": priority,
+                "is_calibrator": calibrator is not None,
+                "calibrator_name": calibrator,
+            },
+        )

@@ -42,8 +42,11 @@ def group(db: Database, gid: str = GID) -> Group:
 
 def attempts(db: Database, gid: str = GID) -> list[StageAttempt]:
     with db.transaction() as s:
-        return list(s.scalars(select(StageAttempt).where(StageAttempt.group_id == gid)
-                              .order_by(StageAttempt.id)))
+        return list(
+            s.scalars(
+                select(StageAttempt).where(StageAttempt.group_id == gid).order_by(StageAttempt.id)
+            )
+        )
 
 
 def fake_processes() -> list[psutil.Process]:
@@ -80,7 +83,8 @@ def test_happy_path_commits_every_stage_once(pipeline) -> None:  # noqa: ANN001
     g = group(db)
     assert g.state == State.COMPLETED and g.completed_at is not None
     assert [(a.stage, a.outcome) for a in attempts(db)] == [
-        (s, "succeeded") for s in ("preflight", "convert", "calibrate", "image", "register")]
+        (s, "succeeded") for s in ("preflight", "convert", "calibrate", "image", "register")
+    ]
     with db.transaction() as s:
         arts = s.scalars(select(Artifact).where(Artifact.group_id == GID)).all()
     assert len(arts) == 5 and all(Path(a.path).is_file() and a.bytes > 0 for a in arts)
@@ -94,7 +98,11 @@ def test_unclassified_exception_fails_the_group_and_rolls_back(pipeline) -> None
     run_until_idle(cfg, db)
     g = group(db)
     assert (g.state, g.stage, g.error_category, g.error_code) == (
-        "failed", "convert", "fatal", "unclassified")
+        "failed",
+        "convert",
+        "fatal",
+        "unclassified",
+    )
     last = attempts(db)[-1]
     assert last.error_type == "RuntimeError" and "KeyError somewhere odd" in last.error_message
     assert "no policy rule matches" in last.hint
@@ -104,12 +112,17 @@ def test_unclassified_exception_fails_the_group_and_rolls_back(pipeline) -> None
 
 
 def test_worker_classified_validation_quarantines(pipeline) -> None:  # noqa: ANN001
-    cfg, db = pipeline(calibrate=tier(behaviour="classified", category="validation",
-                                      code="all_flagged", message="every visibility flagged"))
+    cfg, db = pipeline(
+        calibrate=tier(
+            behaviour="classified",
+            category="validation",
+            code="all_flagged",
+            message="every visibility flagged",
+        )
+    )
     run_until_idle(cfg, db)
     g = group(db)
-    assert (g.state, g.error_category, g.error_code) == ("quarantined", "validation",
-                                                         "all_flagged")
+    assert (g.state, g.error_category, g.error_code) == ("quarantined", "validation", "all_flagged")
     assert "every visibility flagged" in g.state_reason
     assert_clean(cfg)
 
@@ -121,18 +134,22 @@ def test_transient_failure_is_retried_then_succeeds(pipeline) -> None:  # noqa: 
     image = [(a.attempt, a.outcome, a.error_code) for a in attempts(db) if a.stage == "image"]
     assert image == [(1, "failed", "invalid_result"), (2, "succeeded", None)]
     with db.transaction() as s:
-        states = [t.to_state for t in s.scalars(select(Transition).where(
-            Transition.group_id == GID).order_by(Transition.id))]
+        states = [
+            t.to_state
+            for t in s.scalars(
+                select(Transition).where(Transition.group_id == GID).order_by(Transition.id)
+            )
+        ]
     assert "retry_wait" in states
     assert_clean(cfg)
 
 
 @pytest.mark.parametrize("behaviour", ["hang", "ignore_sigterm", "grandchild"])
 def test_hung_workers_are_killed_with_everything_they_started(
-    pipeline, behaviour: str  # noqa: ANN001
+    pipeline,
+    behaviour: str,  # noqa: ANN001
 ) -> None:
-    cfg, db = pipeline(convert={**tier(behaviour=behaviour), "timeout_s": 1.5,
-                                "max_attempts": 1})
+    cfg, db = pipeline(convert={**tier(behaviour=behaviour), "timeout_s": 1.5, "max_attempts": 1})
     run_until_idle(cfg, db)
     g = group(db)
     assert (g.state, g.error_code) == ("failed", "stage_timeout_budget_exhausted")
@@ -153,7 +170,10 @@ def test_crashes_have_their_own_budget(pipeline) -> None:  # noqa: ANN001
     run_until_idle(cfg, db)
     g = group(db)
     assert (g.state, g.error_category, g.error_code) == (
-        "failed", "fatal", "worker_crash_budget_exhausted")
+        "failed",
+        "fatal",
+        "worker_crash_budget_exhausted",
+    )
     assert "killed by SIGSEGV" in g.state_reason
     assert [a.exit_code for a in attempts(db) if a.stage == "image"] == [-11, -11]
     assert_clean(cfg)
@@ -178,15 +198,26 @@ def test_success_claimed_without_outputs_fails_its_postconditions(pipeline) -> N
 
 
 def test_recoverable_failure_moves_to_the_next_fallback_tier(pipeline) -> None:  # noqa: ANN001
-    cfg, db = pipeline(calibrate={"tiers": [
-        {"name": "primary", "params": {"behaviour": "classified", "category": "recoverable",
-                                       "code": "low_snr"}},
-        {"name": "relaxed", "params": {"behaviour": "succeed"}},
-    ]})
+    cfg, db = pipeline(
+        calibrate={
+            "tiers": [
+                {
+                    "name": "primary",
+                    "params": {
+                        "behaviour": "classified",
+                        "category": "recoverable",
+                        "code": "low_snr",
+                    },
+                },
+                {"name": "relaxed", "params": {"behaviour": "succeed"}},
+            ]
+        }
+    )
     run_until_idle(cfg, db)
     assert group(db).state == State.COMPLETED
-    cal = [(a.fallback_tier, a.outcome, a.error_code) for a in attempts(db)
-           if a.stage == "calibrate"]
+    cal = [
+        (a.fallback_tier, a.outcome, a.error_code) for a in attempts(db) if a.stage == "calibrate"
+    ]
     assert cal == [(0, "failed", "low_snr"), (1, "succeeded", None)]
 
 
@@ -197,8 +228,11 @@ def test_a_writer_that_lost_its_claim_cannot_commit(pipeline) -> None:  # noqa: 
     def steal() -> None:  # another node reaped and re-claimed the group meanwhile
         time.sleep(1.0)
         with db.transaction() as s:
-            s.execute(update(Group).where(Group.group_id == GID)
-                      .values(fencing_token=Group.fencing_token + 100))
+            s.execute(
+                update(Group)
+                .where(Group.group_id == GID)
+                .values(fencing_token=Group.fencing_token + 100)
+            )
 
     thief = threading.Thread(target=steal)
     thief.start()
@@ -222,8 +256,9 @@ def test_shutdown_stops_the_worker_and_leaves_the_group_resumable(pipeline) -> N
     assert_clean(cfg)
 
 
-def test_calibrator_groups_first_then_observation_time(workspace: Path,
-                                                       sqlite_db: Database) -> None:
+def test_calibrator_groups_first_then_observation_time(
+    workspace: Path, sqlite_db: Database
+) -> None:
     cfg = fake_pipeline_config(workspace)
     add_pending_group(sqlite_db, "2025-10-05T12:40:00")
     add_pending_group(sqlite_db, "2025-10-05T12:30:00")

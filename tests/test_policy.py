@@ -13,42 +13,107 @@ from supervisor.policy import Action, Classifier, Evidence, backoff_delay_s, dec
 
 CFG = load_config(workspace="/tmp", environ={})
 CLASSIFIER = Classifier(CFG.policy)
-TAI = ("2026-11-25 10:00:00 SEVERE MeasTable::dUTC(Double) (file MeasTable.cc, line 4290) "
-       "Leap second table TAI_UTC seems out-of-date.")
+TAI = (
+    "2026-11-25 10:00:00 SEVERE MeasTable::dUTC(Double) (file MeasTable.cc, line 4290) "
+    "Leap second table TAI_UTC seems out-of-date."
+)
 
 
 @pytest.mark.parametrize(
     ("evidence", "category", "code"),
     [
         (Evidence("calibrate", "timeout"), "retryable", "stage_timeout"),
-        (Evidence("convert", "error", "RuntimeError",
-                  "FiledesIO::write - write error in x.ms/table.f10: No such file or directory"),
-         "retryable", "disk_full"),
-        (Evidence("convert", "crash", returncode=-11,
-                  stderr_tail="errno = 28, error message = 'No space left on device'"),
-         "retryable", "disk_full"),
+        (
+            Evidence(
+                "convert",
+                "error",
+                "RuntimeError",
+                "FiledesIO::write - write error in x.ms/table.f10: No such file or directory",
+            ),
+            "retryable",
+            "disk_full",
+        ),
+        (
+            Evidence(
+                "convert",
+                "crash",
+                returncode=-11,
+                stderr_tail="errno = 28, error message = 'No space left on device'",
+            ),
+            "retryable",
+            "disk_full",
+        ),
         (Evidence("image", "crash", returncode=-9), "retryable", "killed"),
         (Evidence("image", "crash", returncode=139), "retryable", "worker_crash"),
-        (Evidence("convert", "error", "OSError",
-                  "Unable to synchronously open file (truncated file: eof = 88360)"),
-         "validation", "bad_uvh5"),
-        (Evidence("convert", "error", "ValueError",
-                  "UVParameter ant_1_array does not match. Cannot combine objects."),
-         "validation", "inconsistent_subbands"),
-        (Evidence("calibrate", "error", "RuntimeError",
-                  'Antenna Expression: No match found for token(s) "ant999"'),
-         "recoverable", "bad_refant"),
-        (Evidence("calibrate", "error", "RuntimeError",
-                  "FilebufIO::readBlock - incorrect number of bytes read for file x.ms/table.dat"),
-         "fatal", "corrupt_table"),
-        (Evidence("calibrate", "error", "AssertionError",
-                  "the vis parameter must be a path that exists ('/x/nope.ms' does not exist)"),
-         "fatal", "missing_input"),
-        (Evidence("convert", "invalid_result", message="result file is not valid JSON"),
-         "retryable", "invalid_result"),
+        (
+            Evidence(
+                "convert",
+                "error",
+                "OSError",
+                "Unable to synchronously open file (truncated file: eof = 88360)",
+            ),
+            "validation",
+            "bad_uvh5",
+        ),
+        (
+            Evidence(
+                "convert",
+                "error",
+                "ValueError",
+                "UVParameter ant_1_array does not match. Cannot combine objects.",
+            ),
+            "validation",
+            "inconsistent_subbands",
+        ),
+        (
+            Evidence(
+                "calibrate",
+                "error",
+                "RuntimeError",
+                'Antenna Expression: No match found for token(s) "ant999"',
+            ),
+            "recoverable",
+            "bad_refant",
+        ),
+        (
+            Evidence(
+                "calibrate",
+                "error",
+                "RuntimeError",
+                "FilebufIO::readBlock - incorrect number of bytes read for file x.ms/table.dat",
+            ),
+            "fatal",
+            "corrupt_table",
+        ),
+        (
+            Evidence(
+                "calibrate",
+                "error",
+                "AssertionError",
+                "the vis parameter must be a path that exists ('/x/nope.ms' does not exist)",
+            ),
+            "fatal",
+            "missing_input",
+        ),
+        (
+            Evidence("convert", "invalid_result", message="result file is not valid JSON"),
+            "retryable",
+            "invalid_result",
+        ),
         (Evidence("image", "error", "KeyError", "'weird'"), "fatal", "unclassified"),
-        (Evidence("image", "error", "ValueError", "bad", worker_category="validation",
-                  worker_code="all_flagged", worker_hint="h"), "validation", "all_flagged"),
+        (
+            Evidence(
+                "image",
+                "error",
+                "ValueError",
+                "bad",
+                worker_category="validation",
+                worker_code="all_flagged",
+                worker_hint="h",
+            ),
+            "validation",
+            "all_flagged",
+        ),
     ],
 )
 def test_default_rules(evidence: Evidence, category: str, code: str) -> None:
@@ -61,19 +126,20 @@ def test_default_rules(evidence: Evidence, category: str, code: str) -> None:
 
 def test_the_benign_leap_second_severe_line_never_fails_anything() -> None:
     """It appears in every CASA process here; it must not steer classification."""
-    ev = Evidence("image", "error", "KeyError", "'weird'", log_lines=(TAI,),
-                  stderr_tail=TAI + "\n")
+    ev = Evidence("image", "error", "KeyError", "'weird'", log_lines=(TAI,), stderr_tail=TAI + "\n")
     assert "TAI_UTC" not in CLASSIFIER.relevant_text(ev)
     # A rule keyed on SEVERE lines would otherwise have matched it.
     from dataclasses import replace
 
     from supervisor.config import PolicyRule
 
-    policy = replace(CFG.policy, extra_rules=[PolicyRule(message="SEVERE", category="fatal",
-                                                         code="severe_line")])
+    policy = replace(
+        CFG.policy, extra_rules=[PolicyRule(message="SEVERE", category="fatal", code="severe_line")]
+    )
     assert Classifier(policy).classify(ev).code == "unclassified"
-    real = Evidence("image", "error", "KeyError", "x",
-                    log_lines=("SEVERE tclean::something real broke",))
+    real = Evidence(
+        "image", "error", "KeyError", "x", log_lines=("SEVERE tclean::something real broke",)
+    )
     assert Classifier(policy).classify(real).code == "severe_line"
 
 
@@ -82,8 +148,10 @@ def test_site_rules_come_first() -> None:
 
     from supervisor.config import PolicyRule
 
-    policy = replace(CFG.policy, extra_rules=[PolicyRule(outcome="timeout", category="fatal",
-                                                         code="site_timeout")])
+    policy = replace(
+        CFG.policy,
+        extra_rules=[PolicyRule(outcome="timeout", category="fatal", code="site_timeout")],
+    )
     assert Classifier(policy).classify(Evidence("image", "timeout")).code == "site_timeout"
 
 
@@ -93,32 +161,47 @@ def test_backoff_is_full_jitter_and_capped() -> None:
     for attempt in range(1, 12):
         ceiling = min(retry.max_delay_s, retry.base_delay_s * 2 ** (attempt - 1))
         delays = [backoff_delay_s(attempt, retry, rng) for _ in range(200)]
-        assert 0 <= min(delays) and max(delays) <= ceiling
+        assert min(delays) >= 0 and max(delays) <= ceiling
         assert max(delays) > 0.5 * ceiling  # really spread over the interval
 
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _decide(category: Category, *, attempt: int = 1, crashes: int = 0, crash: bool = False,
-            stage: str = "calibrate", tier: int = 0):  # noqa: ANN202
-    return decide(Failure(category, "x", "m", "h"), is_crash=crash, attempt=attempt,
-                  crash_count=crashes, tier=tier, stage=CFG.stages[stage], retry=CFG.retry,
-                  now=NOW, rng=random.Random(0))
+def _decide(
+    category: Category,
+    *,
+    attempt: int = 1,
+    crashes: int = 0,
+    crash: bool = False,
+    stage: str = "calibrate",
+    tier: int = 0,
+):  # noqa: ANN202
+    return decide(
+        Failure(category, "x", "m", "h"),
+        is_crash=crash,
+        attempt=attempt,
+        crash_count=crashes,
+        tier=tier,
+        stage=CFG.stages[stage],
+        retry=CFG.retry,
+        now=NOW,
+        rng=random.Random(0),
+    )
 
 
 def test_decisions() -> None:
     first = _decide(Category.RETRYABLE, attempt=1)
     assert first.action == Action.RETRY and NOW <= first.next_attempt_at <= NOW + timedelta(
-        seconds=CFG.retry.base_delay_s)
+        seconds=CFG.retry.base_delay_s
+    )
     # calibrate: 2 attempts per tier, then its "relaxed" tier, then a human.
     assert _decide(Category.RETRYABLE, attempt=2).action == Action.NEXT_TIER
     assert _decide(Category.RETRYABLE, attempt=2, tier=1).action == Action.FAIL
     assert _decide(Category.RETRYABLE, attempt=2, tier=1).failure.code == "x_budget_exhausted"
     assert _decide(Category.RECOVERABLE).action == Action.NEXT_TIER
     exhausted = _decide(Category.RECOVERABLE, tier=1)
-    assert (exhausted.action, exhausted.failure.code) == (Action.QUARANTINE,
-                                                          "fallbacks_exhausted")
+    assert (exhausted.action, exhausted.failure.code) == (Action.QUARANTINE, "fallbacks_exhausted")
     assert _decide(Category.VALIDATION).action == Action.QUARANTINE
     assert _decide(Category.FATAL).action == Action.FAIL
     # Crashes have their own budget (1 in the default config? 2): exceeding it fails.
