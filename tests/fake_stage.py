@@ -1,11 +1,12 @@
 """A test-only stage worker whose behaviour the request chooses (``params.behaviour``).
 
 succeed | raise | classified | hang | ignore_sigterm | grandchild | signal | garbage |
-no_result | partial | slow_success | bad_artifact
+no_result | slow_success | bad_artifact | result_then_segv; ``sequence`` picks one per attempt
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -65,6 +66,13 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         time.sleep(3600)
     if behaviour == "signal":
         os.kill(os.getpid(), int(params.get("signum", signal.SIGSEGV)))
+    if behaviour == "result_then_segv":
+        # What CASA does: the work succeeded, the result is written, then teardown crashes.
+        marker.write_text("complete output")
+        Path(request["result_path"]).write_text(
+            json.dumps({"status": "succeeded", "artifacts": [{"path": marker.name, "kind": "x"}]})
+        )
+        os.kill(os.getpid(), signal.SIGSEGV)
     if behaviour == "garbage":
         Path(request["result_path"]).write_text("{not json")
         os._exit(0)

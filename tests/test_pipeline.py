@@ -267,3 +267,53 @@ def test_calibrator_groups_first_then_observation_time(
     order = [daemon.leases.claim_next().group_id for _ in range(3)]
     assert order == ["2025-10-05T12:50:00", "2025-10-05T12:30:00", "2025-10-05T12:40:00"]
     assert daemon.leases.claim_next() is None
+
+
+def test_a_segfault_after_a_written_result_is_not_a_crash(pipeline) -> None:  # noqa: ANN001
+    """CASA segfaults at interpreter teardown even after success (REPORT.md §5)."""
+    cfg, db = pipeline(calibrate=tier(behaviour="result_then_segv"))
+    run_until_idle(cfg, db)
+    assert group(db).state == State.COMPLETED
+    cal = [a for a in attempts(db) if a.stage == "calibrate"]
+    assert [(a.outcome, a.exit_code) for a in cal] == [("succeeded", -11)]
+    assert_clean(cfg)
+
+
+def test_restart_kills_the_worker_a_dead_daemon_left_running(pipeline) -> None:  # noqa: ANN001
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg, db = pipeline(convert=tier(sequence="hang,succeed"))
+    script = str(Path(sys.executable).parent / "contimg-supervisor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
+    cmd = [
+        script,
+        "--workspace",
+        cfg.workspace,
+        "--config",
+        f"{cfg.workspace}/fake.toml",
+        "run",
+        "--until-idle",
+    ]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not [a for a in attempts(db) if a.stage == "convert" and a.pid]:
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.1)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(0.5)
+    (hung,) = [p for p in fake_processes()]  # the orphaned worker still hangs
+    assert hung.is_running()
+    daemon = Daemon(cfg, db, ingest=False)
+    daemon.run(until_idle=True)
+    assert daemon.summary.leftovers_killed == 1
+    # Dead (a zombie until this sandbox's init reaps it: it is no longer our child).
+    assert not hung.is_running() or hung.status() == psutil.STATUS_ZOMBIE
+    g = group(db)
+    assert g.state == State.COMPLETED
+    convert = [(a.attempt, a.outcome) for a in attempts(db) if a.stage == "convert"]
+    assert convert == [(1, "abandoned"), (2, "succeeded")]
+    assert_clean(cfg)
