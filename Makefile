@@ -1,5 +1,6 @@
 # contimg-supervisor: `make demo` runs the main job, `make test` runs the whole test suite.
 # Both create (or reuse) .venv in the repository root and install everything into it.
+# matplotlib is pinned through the project for the image previews.
 
 SHELL := /bin/bash
 VENV := .venv
@@ -22,11 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(DEMO_WORKSPACE)
-	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) simulate $(DEMO_WORKSPACE)/incoming --groups 4 --calibrator 3C48
-	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) db upgrade
-	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) ingest --once
-	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) status
+	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -269,6 +269,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from supervisor.demo import DemoError, render_table, run_demo
+    from supervisor.logs import configure_logging
+
+    configure_logging("warning", "console")
+    try:
+        summary = run_demo(
+            args.config,
+            Path(args.workspace) if args.workspace else None,
+            n_groups=args.groups,
+            seed=args.seed,
+        )
+    except DemoError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _print_json(summary)
+    else:
+        print(render_table(summary))
+    ok = all(g["state"] == "completed" for g in summary["groups"])
+    return EXIT_OK if ok else EXIT_DEGRADED
+
+
 def _operator(args: argparse.Namespace, action: Any) -> int:
     from supervisor.operator import OperatorError
 
@@ -413,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 once nothing is runnable, running or waiting to retry",
     )
     p.add_argument("--max-attempts", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = add(
+        "demo",
+        cmd_demo,
+        "simulate a short night, run it through the real pipeline, print a summary",
+        json_flag=True,
+    )
+    p.add_argument("--groups", type=int, default=4, help="groups to simulate (first: 3C48)")
+    p.add_argument("--seed", type=int, default=11)
 
     p = add("show", cmd_show, "one group's full history", json_flag=True)
     p.add_argument("group")

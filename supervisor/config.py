@@ -90,6 +90,31 @@ class CalibrationConfig:
     catalogue: str = _field("", help="calibrator catalogue TOML; empty: the shipped one")
     max_dec_offset_deg: float = _field(1.5, min=0, exclusive_min=True, max=10)
     validity_hours: float = _field(12.0, min=0, exclusive_min=True)
+    fallback_hours: float = _field(48.0, min=0, help="last-known-good tables reach this far")
+    max_wait_hours: float = _field(6.0, min=0, help="wait for a calibrator this long at most")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """Quality-gate thresholds (DOMAIN.md "Quality numbers"); on_fail says what a failed gate
+    means for the policy: validation (quarantine) or recoverable (next fallback tier)."""
+
+    flagged_fraction_warn: float = _field(0.05, min=0, max=1)
+    flagged_fraction_fail: float = _field(0.75, min=0, max=1)
+    solution_flag_fraction_warn: float = _field(0.10, min=0, max=1)
+    solution_flag_fraction_fail: float = _field(0.25, min=0, max=1)
+    bandpass_snr_target: float = _field(20.0, min=0)
+    bandpass_snr_min: float = _field(5.0, min=0)
+    good_antenna_fraction_min: float = _field(0.5, min=0, max=1)
+    gain_amp_min: float = _field(0.1, min=0)
+    gain_amp_max: float = _field(10.0, min=0)
+    rms_over_theory_warn: float = _field(2.7, min=0)
+    rms_over_theory_fail: float = _field(5.0, min=0)
+    calibrator_flux_error_warn: float = _field(0.10, min=0)
+    calibrator_flux_error_fail: float = _field(0.20, min=0)
+    convert_on_fail: str = _field("validation", choices=("validation", "recoverable", "fatal"))
+    calibrate_on_fail: str = _field("recoverable", choices=("validation", "recoverable", "fatal"))
+    image_on_fail: str = _field("validation", choices=("validation", "recoverable", "fatal"))
 
 
 @dataclass(frozen=True)
@@ -183,6 +208,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
 
     # Resolved locations -------------------------------------------------------------
     def path(self, name: str) -> Path:

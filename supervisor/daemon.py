@@ -20,14 +20,16 @@ from datetime import datetime
 import structlog
 from sqlalchemy import func, select
 
+from supervisor import calibration
 from supervisor.config import Config
 from supervisor.db import Database
+from supervisor.errors import Category, Failure
 from supervisor.executor import StageExecutor
 from supervisor.ingest import Ingestor
-from supervisor.leases import Leases, Owner
+from supervisor.leases import Claim, Leases, Owner
 from supervisor.models import Group, StageAttempt, utcnow
 from supervisor.runner import kill_leftover
-from supervisor.states import State
+from supervisor.states import State, transition
 
 log = structlog.get_logger(__name__)
 
@@ -119,9 +121,13 @@ class Daemon:
             if self.ingestor is not None:
                 self.ingestor.scan()
             self.summary.reaped += self.leases.reap(crash_budget=self.cfg.retry.crash_budget)
+            self._expire_waiting()
             claim = self.leases.claim_next()
             if claim is not None:
-                state = self.executor.execute(claim)
+                try:
+                    state = self.executor.execute(claim)
+                except Exception as exc:  # noqa: BLE001 - one group must not stop the daemon
+                    state = self._supervisor_error(claim, exc)
                 self.summary.attempts += 1
                 self.summary.outcomes[state] = self.summary.outcomes.get(state, 0) + 1
                 if max_attempts is not None and self.summary.attempts >= max_attempts:
@@ -131,6 +137,42 @@ class Daemon:
                 break
             self.stop_event.wait(self._idle_wait_s())
         return self.summary
+
+    def _expire_waiting(self) -> None:
+        with self.db.transaction() as s:
+            expired = calibration.expire_waiting(s, self.cfg, self.leases.now(s), self.leases.actor)
+        for group_id in expired:
+            log.warning("calibration.wait_expired", group_id=group_id)
+
+    def _supervisor_error(self, claim: Claim, exc: Exception) -> str:
+        """A bug or an environment fault in the supervisor itself while handling ``claim``:
+        fail the group (fatal, with the traceback in the log), keep the daemon alive."""
+        log.exception("supervisor.error", group_id=claim.group_id, stage=claim.stage)
+        failure = Failure(
+            Category.FATAL,
+            "supervisor_error",
+            f"{claim.stage}: supervisor error {type(exc).__name__}: {exc}",
+            "a bug in contimg-supervisor or its environment: see the daemon log, "
+            "fix, then `retry` the group",
+        )
+        try:
+            with self.db.transaction() as s:
+                group = s.get(Group, claim.group_id)
+                if group is not None:
+                    transition(
+                        s,
+                        group,
+                        State.FAILED,
+                        now=self.leases.now(s),
+                        actor=self.leases.actor,
+                        fencing_token=claim.fencing_token,
+                        failure=failure,
+                        set_fields={"lease_owner": None, "lease_expires_at": None},
+                    )
+        except Exception:  # noqa: BLE001 - the lease will expire and the reaper takes over
+            log.exception("supervisor.error_not_recorded", group_id=claim.group_id)
+            return "lost"
+        return State.FAILED.value
 
     def stop(self) -> None:
         self.stop_event.set()

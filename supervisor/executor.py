@@ -10,6 +10,7 @@ outputs, and is renamed to ``products/<group>/<stage>/`` on success or deleted o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
@@ -23,12 +24,13 @@ from typing import Any
 import structlog
 from sqlalchemy import delete, select
 
+from supervisor import calibration, gates, registry
 from supervisor.casaenv import casa_environment, write_site_config
 from supervisor.config import Config
 from supervisor.db import Database, is_sqlite
 from supervisor.errors import Failure
 from supervisor.leases import Claim, Leases
-from supervisor.models import Artifact, Group, StageAttempt, SubbandFile
+from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt, SubbandFile
 from supervisor.policy import Action, Classifier, Decision, Evidence, decide
 from supervisor.runner import (
     RunOutcome,
@@ -93,6 +95,7 @@ class StageExecutor:
         self.classifier = classifier or Classifier(cfg.policy)
         self.rng = rng or random.Random()
         self.should_stop = should_stop
+        self._gate_results: dict[int, gates.GateResult | None] = {}
 
     # The whole attempt -------------------------------------------------------------------
     def execute(self, claim: Claim) -> str:
@@ -106,11 +109,13 @@ class StageExecutor:
         stage_cfg = self.cfg.stages[claim.stage]
         tier = stage_cfg.tiers[min(claim.tier, len(stage_cfg.tiers) - 1)]
         paths = attempt_paths(self.cfg, claim)
+        request = self._request(claim, tier.name, dict(tier.params), paths)
+        if request is None:
+            return self._wait_for_calibration(claim, bound)
         for stale in (paths.workdir, paths.output_dir):
             shutil.rmtree(stale, ignore_errors=True)  # a token is never reused; be safe
         paths.workdir.mkdir(parents=True)
         paths.output_dir.mkdir(parents=True)
-        request = self._request(claim, tier.name, dict(tier.params), paths)
         paths.request.write_text(json.dumps(request, indent=1, default=str))
         attempt_id = self._record_attempt_start(claim, tier.name, paths)
         site = write_site_config(paths.workdir, paths.casa_log)
@@ -139,7 +144,8 @@ class StageExecutor:
     # Pieces --------------------------------------------------------------------------
     def _request(
         self, claim: Claim, tier_name: str, params: dict[str, Any], paths: AttemptPaths
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        """The worker's request; None when a target's calibrate stage has no tables yet."""
         with self.db.transaction() as s:
             group = s.get(Group, claim.group_id)
             assert group is not None
@@ -155,7 +161,30 @@ class StageExecutor:
                 a.kind: a.path
                 for a in s.scalars(select(Artifact).where(Artifact.group_id == claim.group_id))
             }
+            upstream = {
+                a.stage: (a.result or {}).get("metrics", {})
+                for a in s.scalars(
+                    select(StageAttempt)
+                    .where(
+                        StageAttempt.group_id == claim.group_id, StageAttempt.outcome == "succeeded"
+                    )
+                    .order_by(StageAttempt.id)
+                )
+            }
+            extras: dict[str, Any] = {}
+            if claim.stage == Stage.CALIBRATE:
+                plan = calibration.plan_for(s, group, self.cfg)
+                if plan is None:
+                    return None
+                extras["calibration_plan"] = plan.as_request()
+            cal = calibration.catalogue_source(self.cfg, group.calibrator_name)
+            if cal is not None and group.is_calibrator:
+                extras["calibrator_source"] = dataclasses.asdict(cal)
+            tmpfs = self.cfg.path("tmpfs_staging") if self.cfg.paths.tmpfs_staging else None
             return {
+                **extras,
+                "upstream_metrics": upstream,
+                "tmpfs_staging": str(tmpfs) if tmpfs else None,
                 "group_id": claim.group_id,
                 "stage": claim.stage,
                 "attempt": claim.attempt,
@@ -174,6 +203,31 @@ class StageExecutor:
                 "telescope": _asdict(self.cfg.telescope),
                 "calibration": _asdict(self.cfg.calibration),
             }
+
+    def _wait_for_calibration(self, claim: Claim, bound: Any) -> str:
+        with self.db.transaction() as s:
+            try:
+                group = self._locked_group(s, claim)
+            except StaleTransition:
+                return "lost"
+            now = self.leases.now(s)
+            transition(
+                s,
+                group,
+                State.WAITING_CALIBRATION,
+                now=now,
+                actor=self.leases.actor,
+                fencing_token=claim.fencing_token,
+                message="no calibration tables valid for this time yet; waiting for "
+                "a calibrator group",
+                set_fields={
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "attempt": max(0, claim.attempt - 1),
+                },
+            )
+        bound.info("stage.waiting_calibration")
+        return State.WAITING_CALIBRATION.value
 
     def _record_attempt_start(self, claim: Claim, tier_name: str, paths: AttemptPaths) -> int:
         with self.db.transaction() as s:
@@ -280,6 +334,18 @@ class StageExecutor:
             return Evidence(
                 outcome="postcondition", message="; ".join(problems), log_lines=log_lines, **common
             )
+        gate = gates.evaluate(claim.stage, result.get("metrics", {}), self.cfg.gates)
+        self._gate_results[claim.fencing_token] = gate
+        if gate is not None and gate.failed:
+            return Evidence(
+                outcome="gate",
+                message=gate.summary(),
+                log_lines=log_lines,
+                worker_category=gates.on_fail_category(claim.stage, self.cfg.gates),
+                worker_code=f"{claim.stage}_gate_failed",
+                worker_hint="a mandatory quality gate failed; see the quality assessment",
+                **common,
+            )
         return None
 
     def _commit_success(
@@ -318,6 +384,8 @@ class StageExecutor:
                 attempt = s.get(StageAttempt, attempt_id)
                 assert attempt is not None
                 _fill_attempt(attempt, "succeeded", outcome, None, now)
+                self._record_gate(s, claim, attempt_id, now)
+                self._on_commit(s, group, claim, result, paths, now)
                 fields = {
                     "lease_owner": None,
                     "lease_expires_at": None,
@@ -392,6 +460,7 @@ class StageExecutor:
             attempt = s.get(StageAttempt, attempt_id)
             assert attempt is not None
             _fill_attempt(attempt, "failed", outcome, decision.failure, now)
+            self._record_gate(s, claim, attempt_id, now)
             fields: dict[str, Any] = {
                 "lease_owner": None,
                 "lease_expires_at": None,
@@ -429,6 +498,46 @@ class StageExecutor:
             hint=decision.failure.hint,
         )
         return to.value
+
+    def _record_gate(self, s: Any, claim: Claim, attempt_id: int, now: datetime) -> None:
+        gate = self._gate_results.pop(claim.fencing_token, None)
+        if gate is not None:
+            s.add(
+                QualityAssessment(
+                    group_id=claim.group_id,
+                    attempt_id=attempt_id,
+                    stage=claim.stage,
+                    score=gate.score,
+                    verdict=gate.verdict,
+                    metrics=gate.as_dict()["metrics"],
+                    created_at=now,
+                )
+            )
+
+    def _on_commit(
+        self,
+        s: Any,
+        group: Group,
+        claim: Claim,
+        result: dict[str, Any],
+        paths: AttemptPaths,
+        now: datetime,
+    ) -> None:
+        """Stage-specific rows that must commit with the stage: calibration sets, products."""
+        metrics = result.get("metrics", {})
+        if claim.stage == Stage.CALIBRATE and metrics.get("mode") == "solve":
+            tables = {a["kind"]: paths.final_dir / a["path"] for a in result.get("artifacts", [])}
+            cal_set = calibration.register_solution(s, group, tables, metrics, self.cfg, now)
+            released = calibration.release_waiting(s, cal_set, now, self.leases.actor)
+            log.info(
+                "calibration.registered",
+                set_id=cal_set.id,
+                group_id=group.group_id,
+                calibrator=cal_set.calibrator,
+                released=released,
+            )
+        if claim.stage == Stage.REGISTER:
+            registry.register_products(s, group, now)
 
     def _release_for_shutdown(
         self, claim: Claim, attempt_id: int, outcome: RunOutcome, bound: Any

@@ -1,0 +1,325 @@
+"""Calibrate: solve on a calibrator group (model → G0 → bandpass → gains → apply), or apply the
+tables the supervisor chose for a target group. Checks what CASA does not: tables exist,
+every spectral window was solved, solutions are mostly unflagged, CORRECTED_DATA is non-zero.
+
+The MS is the committed product of ``convert``; MODEL_DATA/CORRECTED_DATA are written into
+it in place (copying a 5 GB MS per attempt is not affordable). The tables go to the attempt's
+output directory; the image stage only runs after this stage committed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import inspect_ms
+from stages.protocol import StageFailure, casa_log_lines, run
+
+UNSOLVED_RE = re.compile(r"could not be (solved|corrected)")
+
+
+def stage(request: dict[str, Any]) -> dict[str, Any]:
+    ms = Path(request["artifacts"]["ms"])
+    if not ms.exists():
+        raise StageFailure(
+            "fatal",
+            "missing_input",
+            f"MS {ms} does not exist",
+            "the convert product is gone: `requeue GROUP --from-stage convert`",
+        )
+    plan = request.get("calibration_plan") or {}
+    if plan.get("mode") == "solve":
+        return _solve(request, ms, plan)
+    if plan.get("mode") == "apply":
+        return _apply_only(request, ms, plan)
+    raise StageFailure(
+        "fatal",
+        "no_calibration_plan",
+        "the request carries no calibration plan",
+        "a supervisor bug: report it",
+    )
+
+
+def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    import casatasks as ct
+    from casatools import componentlist
+
+    params = request["tier"]["params"]
+    out = Path(request["output_dir"])
+    tables = {"G0": out / "G0.pcal", "B": out / "B.bcal", "G": out / "G.gcal"}
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    ct.flagdata(vis=str(ms), mode="manual", autocorr=True, flagbackup=False)
+    facts = inspect_ms(ms)
+    if facts["flagged_fraction"] >= 0.999:
+        raise StageFailure(
+            "validation",
+            "all_flagged",
+            f"{ms}: every cross-correlation is flagged; nothing to solve on",
+            "the group holds no usable data; quarantined",
+        )
+    refant = str(params.get("refant") or _central_antenna(facts))
+    # Model: a component list of the catalogue sources in the field (calibrator first).
+    cl_path = out / "model.cl"
+    cl = componentlist()
+    for src in plan["model"]:
+        cl.addcomponent(
+            dir=f"J2000 {src['ra_deg']}deg {src['dec_deg']}deg",
+            flux=src["apparent_flux_jy_1p4ghz"],
+            fluxunit="Jy",
+            freq="1.4GHz",
+            shape="point",
+            spectrumtype="spectral index",
+            index=src["spectral_index"],
+        )
+    cl.rename(str(cl_path))
+    cl.close()
+    ct.ft(vis=str(ms), complist=str(cl_path), usescratch=True)
+    timings["model_s"] = time.monotonic() - t
+    # G0 on the central channels only: over the whole band, per-antenna delays decorrelate
+    # a phase-only solution (REPORT.md §3, pitfall 1).
+    nchan = facts["n_chan"]
+    half = max(1, nchan // 16)
+    g0_spw = f"0:{nchan // 2 - half}~{nchan // 2 + half - 1}" if facts["n_spw"] == 1 else ""
+    minsnr = float(params.get("minsnr", 5.0))
+    t = time.monotonic()
+    stats = {}
+    stats["G0"] = ct.gaincal(
+        vis=str(ms),
+        caltable=str(tables["G0"]),
+        calmode="p",
+        solint="int",
+        refant=refant,
+        minsnr=3.0,
+        spw=g0_spw,
+    )
+    stats["B"] = ct.bandpass(
+        vis=str(ms),
+        caltable=str(tables["B"]),
+        solint="inf",
+        combine="scan",
+        refant=refant,
+        gaintable=[str(tables["G0"])],
+        minsnr=minsnr,
+        solnorm=False,
+    )
+    stats["G"] = ct.gaincal(
+        vis=str(ms),
+        caltable=str(tables["G"]),
+        calmode="ap",
+        solint=str(params.get("gain_solint", "inf")),
+        refant=refant,
+        gaintable=[str(tables["B"])],
+        minsnr=3.0,
+    )
+    timings["solve_s"] = time.monotonic() - t
+    for kind, path in tables.items():
+        if not path.exists():
+            raise StageFailure(
+                "recoverable",
+                "no_solutions",
+                f"{kind} table {path.name} was not written (no usable data?)",
+                "try the next tier (relaxed SNR / another reference antenna)",
+            )
+    quality = {kind: _table_quality(path) for kind, path in tables.items()}
+    unsolved = [
+        line for line in casa_log_lines(request.get("casa_log")) if UNSOLVED_RE.search(line)
+    ]
+    if unsolved:
+        raise StageFailure(
+            "recoverable",
+            "unsolved_spw",
+            "CASA skipped spectral windows: " + unsolved[0][-300:],
+            "some SPWs lack (pre-)calibration; the next tier retries the solve",
+        )
+    t = time.monotonic()
+    _applycal(ms, [str(tables["B"]), str(tables["G"])], ["nearest", "linear"])
+    timings["apply_s"] = time.monotonic() - t
+    corrected = _corrected_check(ms)
+    metrics = {
+        "mode": "solve",
+        "calibrator": plan.get("calibrator"),
+        "refant": refant,
+        "flagged_fraction_before_apply": facts["flagged_fraction"],
+        "solution_flag_fraction": {k: q["flag_fraction"] for k, q in quality.items()},
+        "bandpass_snr_median": quality["B"]["snr_median"],
+        "gain_snr_median": quality["G"]["snr_median"],
+        "gain_amp_min": quality["G"]["amp_min"],
+        "gain_amp_max": quality["G"]["amp_max"],
+        "gain_phase_scatter_deg": quality["G"]["phase_scatter_deg"],
+        "good_antenna_fraction": quality["B"]["good_antenna_fraction"],
+        "solvestats_unflagged": {k: _unflagged(v) for k, v in stats.items()},
+        **corrected,
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+    (out / "calibration.json").write_text(json.dumps(metrics, indent=1, default=str))
+    artifacts = [{"path": p.name, "kind": f"caltable_{k}"} for k, p in tables.items()]
+    artifacts += [
+        {"path": "model.cl", "kind": "model_componentlist"},
+        {"path": "calibration.json", "kind": "calibration_report"},
+    ]
+    return {"artifacts": artifacts, "metrics": metrics}
+
+
+def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    import casatasks as ct
+
+    out = Path(request["output_dir"])
+    tables = plan["tables"]
+    for tab in tables:
+        if not Path(tab["path"]).exists():
+            raise StageFailure(
+                "recoverable",
+                "caltable_missing",
+                f"registered table {tab['path']} is missing",
+                "the calibration set is damaged; another set is tried",
+            )
+    ct.flagdata(vis=str(ms), mode="manual", autocorr=True, flagbackup=False)
+    facts = inspect_ms(ms)
+    if facts["flagged_fraction"] >= 0.999:
+        raise StageFailure(
+            "validation",
+            "all_flagged",
+            f"{ms}: every cross-correlation is flagged",
+            "the group holds no usable data; quarantined",
+        )
+    t = time.monotonic()
+    _applycal(ms, [tab["path"] for tab in tables], [tab["interp"] for tab in tables])
+    unsolved = [
+        line for line in casa_log_lines(request.get("casa_log")) if UNSOLVED_RE.search(line)
+    ]
+    if unsolved:
+        raise StageFailure(
+            "recoverable",
+            "uncorrected_spw",
+            "applycal left spectral windows uncalibrated: " + unsolved[0][-300:],
+            "the tables do not cover this MS; another calibration set is tried",
+        )
+    corrected = _corrected_check(ms)
+    metrics = {
+        "mode": "apply",
+        "calibration_set_id": plan.get("set_id"),
+        "calibration_tier": plan.get("tier"),
+        "calibrator": plan.get("calibrator"),
+        "flagged_fraction_before_apply": facts["flagged_fraction"],
+        "apply_s": round(time.monotonic() - t, 3),
+        **corrected,
+    }
+    (out / "calibration.json").write_text(json.dumps({**metrics, "tables": tables}, indent=1))
+    return {
+        "artifacts": [{"path": "calibration.json", "kind": "calibration_report"}],
+        "metrics": metrics,
+    }
+
+
+def _applycal(ms: Path, tables: list[str], interp: list[str]) -> None:
+    import casatasks as ct
+
+    ct.applycal(vis=str(ms), gaintable=tables, interp=interp, calwt=False, flagbackup=False)
+
+
+def _corrected_check(ms: Path) -> dict[str, Any]:
+    """CORRECTED_DATA must exist and be non-zero where data are unflagged; and it must
+    differ from DATA (the old pipeline silently copied DATA into CORRECTED_DATA)."""
+    from casacore.tables import table
+
+    with table(str(ms), readonly=True, ack=False) as t:
+        if "CORRECTED_DATA" not in t.colnames():
+            raise StageFailure(
+                "fatal",
+                "no_corrected_data",
+                f"{ms}: applycal wrote no CORRECTED_DATA column",
+                "a CASA problem: inspect the log",
+            )
+        n = min(t.nrows(), 200_000)
+        corrected = t.getcol("CORRECTED_DATA", 0, n)
+        data = t.getcol("DATA", 0, n)
+        flags = t.getcol("FLAG", 0, n)
+    good = ~flags
+    if not good.any():
+        raise StageFailure(
+            "validation",
+            "all_flagged",
+            f"{ms}: every visibility is flagged after applycal",
+            "the calibration flagged all data; quarantined",
+        )
+    nonzero = float(np.count_nonzero(corrected[good]) / good.sum())
+    identical = bool(np.allclose(corrected[good], data[good]))
+    if nonzero == 0.0 or identical:
+        raise StageFailure(
+            "recoverable",
+            "not_calibrated",
+            f"{ms}: CORRECTED_DATA is {'zero' if nonzero == 0 else 'raw DATA'} for unflagged data",
+            "never image uncalibrated data; retry a tier",
+        )
+    return {
+        "corrected_nonzero_fraction": nonzero,
+        "flagged_fraction_after_apply": float(flags.mean()),
+    }
+
+
+def _central_antenna(facts: dict[str, Any]) -> str:
+    """The antenna nearest the array's median position (short baselines to everyone)."""
+    pos = np.asarray(facts["antenna_positions_m"])
+    centre = np.median(pos, axis=0)
+    return facts["antennas"][int(np.argmin(np.linalg.norm(pos - centre, axis=1)))]
+
+
+def _table_quality(path: Path) -> dict[str, float]:
+    from casacore.tables import table
+
+    with table(str(path), readonly=True, ack=False) as t:
+        flags = t.getcol("FLAG")
+        gains = t.getcol("CPARAM")
+        snr = t.getcol("SNR")
+        ants = t.getcol("ANTENNA1")
+    good = ~flags
+    amps = np.abs(gains[good]) if good.any() else np.array([math.nan])
+    per_ant_ok = [good[ants == a].mean() > 0.7 for a in np.unique(ants)]
+    return {
+        "flag_fraction": float(flags.mean()),
+        "snr_median": float(np.median(snr[good])) if good.any() else 0.0,
+        "amp_min": float(np.nanmin(amps)),
+        "amp_max": float(np.nanmax(amps)),
+        # scatter of phases about each antenna's mean (wrapped), over time/channels
+        "phase_scatter_deg": _phase_scatter(gains, good, ants),
+        "good_antenna_fraction": float(np.mean(per_ant_ok)) if per_ant_ok else 0.0,
+    }
+
+
+def _phase_scatter(gains: np.ndarray, good: np.ndarray, ants: np.ndarray) -> float:
+    """Median over (antenna, channel, pol) of the circular scatter of the gain phase over
+    time (degrees); NaN when there is one solution per antenna (solint inf). python-casacore
+    columns are (row, chan, pol)."""
+    scatters = []
+    for a in np.unique(ants):
+        rows = ants == a
+        g, ok = gains[rows], good[rows]
+        if g.shape[0] < 2:
+            continue
+        for c in range(g.shape[1]):
+            for p in range(g.shape[2]):
+                sel = ok[:, c, p]
+                if sel.sum() < 2:
+                    continue
+                unit = g[sel, c, p] / np.abs(g[sel, c, p])
+                r = min(abs(unit.mean()), 1.0)
+                scatters.append(np.degrees(np.sqrt(-2 * np.log(max(r, 1e-12)))))
+    return float(np.median(scatters)) if scatters else math.nan
+
+
+def _unflagged(stats: Any) -> Any:
+    try:
+        return int(np.sum(stats["solvestats"]["data_unflagged"]))
+    except (TypeError, KeyError, IndexError):
+        return None
+
+
+if __name__ == "__main__":
+    run(stage)

@@ -1,0 +1,160 @@
+"""Helpers shared by the casa6 stage workers: band plan, Measurement Set inspection, disk."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.protocol import StageFailure
+
+N_SUBBANDS = 16
+BAND_LOW_HZ = 1311.25e6
+BAND_HIGH_HZ = 1498.75e6
+SUBBAND_WIDTH_HZ = (BAND_HIGH_HZ - BAND_LOW_HZ) / N_SUBBANDS
+C_M_S = 299_792_458.0
+REQUIRED_MS_COLUMNS = ("DATA", "UVW", "ANTENNA1", "ANTENNA2", "TIME", "FLAG")
+
+
+def quiet_astropy() -> None:
+    """Offline machines: never try to download IERS tables; silence the noise about it."""
+    warnings.filterwarnings("ignore", message=".*dubious year.*")
+    warnings.filterwarnings("ignore", message=".*leap-second.*")
+    from astropy.utils import iers
+
+    iers.conf.auto_download = False
+    iers.conf.auto_max_age = None
+
+
+def ordered_subband_files(request: dict[str, Any]) -> list[str]:
+    """The group's files in ascending frequency order (sb15 ... sb00); all 16 required."""
+    files = {int(k): v for k, v in request["subband_files"].items()}
+    missing = sorted(set(range(N_SUBBANDS)) - set(files))
+    if missing:
+        raise StageFailure(
+            "validation",
+            "missing_subbands",
+            f"group {request['group_id']}: missing subbands "
+            + ", ".join(f"sb{m:02d}" for m in missing),
+            "the group cannot be converted without every subband",
+        )
+    return [files[sb] for sb in sorted(files, reverse=True)]
+
+
+def ms_name(group_id: str) -> str:
+    """A file-system and CASA friendly MS name (no colons)."""
+    return group_id.replace(":", "-") + ".ms"
+
+
+def dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding ``path`` (or its nearest existing parent)."""
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def inspect_ms(ms: Path, *, data_column: str = "DATA", sample_rows: int = 200_000) -> dict:
+    """Structural facts of a Measurement Set, read with python-casacore.
+
+    Returns rows, columns, channel frequencies (ascending?), antenna names, flagged
+    fraction (over all rows) and whether ``data_column`` holds non-zero unflagged data.
+    """
+    from casacore.tables import table
+
+    out: dict[str, Any] = {}
+    with table(str(ms), readonly=True, ack=False) as t:
+        out["rows"] = t.nrows()
+        out["columns"] = t.colnames()
+        missing = [c for c in REQUIRED_MS_COLUMNS if c not in out["columns"]]
+        out["missing_columns"] = missing
+        if out["rows"] and not missing:
+            # Autocorrelations are flagged on purpose before calibration: judge flags and
+            # data on the cross-correlations only.
+            a1, a2 = t.getcol("ANTENNA1"), t.getcol("ANTENNA2")
+            cross = a1 != a2
+            out["cross_rows"] = int(cross.sum())
+            flags = t.getcol("FLAG")[cross]
+            out["flagged_fraction"] = float(flags.mean()) if flags.size else 1.0
+            if data_column in out["columns"] and cross.any():
+                rows = np.flatnonzero(cross)[:sample_rows]
+                data = t.getcol(data_column, startrow=0, nrow=int(rows[-1]) + 1)[rows]
+                good = ~flags[: rows.size]
+                out[f"{data_column.lower()}_nonzero_fraction"] = (
+                    float(np.count_nonzero(data[good]) / good.sum()) if good.any() else 0.0
+                )
+    with table(str(ms / "SPECTRAL_WINDOW"), readonly=True, ack=False) as spw:
+        freqs = [spw.getcell("CHAN_FREQ", i) for i in range(spw.nrows())]
+        widths = [spw.getcell("CHAN_WIDTH", i) for i in range(spw.nrows())]
+    allf = np.concatenate(freqs) if freqs else np.array([])
+    out["n_spw"] = len(freqs)
+    out["n_chan"] = int(allf.size)
+    out["freq_min_hz"] = float(allf.min()) if allf.size else math.nan
+    out["freq_max_hz"] = float(allf.max()) if allf.size else math.nan
+    out["ascending"] = bool(allf.size and np.all(np.diff(allf) > 0))
+    out["positive_widths"] = bool(all(np.all(np.asarray(w) > 0) for w in widths))
+    with table(str(ms / "ANTENNA"), readonly=True, ack=False) as ant:
+        out["antennas"] = list(ant.getcol("NAME"))
+        out["antenna_positions_m"] = ant.getcol("POSITION").tolist()
+    with table(str(ms / "OBSERVATION"), readonly=True, ack=False) as obs:
+        out["telescope_name"] = str(obs.getcol("TELESCOPE_NAME")[0])
+    return out
+
+
+def sigma_theory_jy(ms: Path, sefd_jy: float) -> dict[str, float]:
+    """Radiometer-equation Stokes I image noise (natural weighting) from the MS's actual
+    unflagged cross-correlation samples: SEFD / sqrt(2 sum(dnu tau)) over XX and YY."""
+    from casacore.tables import table
+
+    with table(str(ms), readonly=True, ack=False) as t:
+        a1, a2 = t.getcol("ANTENNA1"), t.getcol("ANTENNA2")
+        flags = t.getcol("FLAG")  # (rows, chan, pol)
+        exposure = t.getcol("EXPOSURE")
+        ddid = t.getcol("DATA_DESC_ID")
+    with table(str(ms / "DATA_DESCRIPTION"), readonly=True, ack=False) as dd:
+        spw_of_dd = dd.getcol("SPECTRAL_WINDOW_ID")
+    with table(str(ms / "SPECTRAL_WINDOW"), readonly=True, ack=False) as spw:
+        widths = [np.abs(spw.getcell("CHAN_WIDTH", i)) for i in range(spw.nrows())]
+    cross = a1 != a2
+    total = 0.0
+    for d in np.unique(ddid):
+        rows = cross & (ddid == d)
+        width = widths[spw_of_dd[d]]  # (chan,)
+        good = ~flags[rows]  # (r, chan, pol)
+        npol = good.shape[2]
+        use = good[:, :, [0, npol - 1]] if npol > 2 else good  # XX and YY
+        total += float(np.einsum("rcp,c,r->", use.astype(float), width, exposure[rows]))
+    sigma = sefd_jy / math.sqrt(2.0 * total) if total > 0 else math.inf
+    return {"sigma_theory_jy": sigma, "unflagged_bandwidth_time_hz_s": total}
+
+
+def set_telescope_name(ms: Path, casa_name: str, identity: str) -> None:
+    """Record a telescope name CASA knows (its Observatories table has no DSA-110) and keep
+    the real identity as a keyword of the OBSERVATION table."""
+    from casacore.tables import table
+
+    with table(str(ms / "OBSERVATION"), readonly=False, ack=False) as obs:
+        obs.putcol("TELESCOPE_NAME", [casa_name] * obs.nrows())
+        obs.putkeyword("CONTIMG_TELESCOPE_IDENTITY", identity)
+
+
+def move_tree(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` (rename when on one filesystem; copy+remove across them)."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != 18:  # EXDEV
+            raise
+        shutil.copytree(src, dst, symlinks=True)
+        shutil.rmtree(src)

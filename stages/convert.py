@@ -1,0 +1,137 @@
+"""Convert: 16 UVH5 subbands → one Measurement Set in ascending frequency, phased to the
+meridian at the group's mid time, written in tmpfs when preflight found room (else in the
+disk staging area) and moved into the attempt's output directory."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import (
+    dir_bytes,
+    inspect_ms,
+    move_tree,
+    ms_name,
+    ordered_subband_files,
+    quiet_astropy,
+    set_telescope_name,
+)
+from stages.protocol import StageFailure, run
+
+
+def stage(request: dict[str, Any]) -> dict[str, Any]:
+    quiet_astropy()
+    from pyuvdata import UVData
+
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    files = ordered_subband_files(request)
+    uvd = UVData()
+    uvd.read(files, file_type="uvh5", axis="freq")
+    timings["read_s"] = time.monotonic() - t0
+    rephased = _phase_to_meridian(uvd)
+    uvd.reorder_freqs(channel_order="freq")
+    uvd.channel_width = np.abs(uvd.channel_width)
+    freqs = np.asarray(uvd.freq_array).ravel()
+    if not np.all(np.diff(freqs) > 0):
+        raise StageFailure(
+            "validation",
+            "frequency_order",
+            "channels are not strictly ascending after reordering (overlap?)",
+            "two subbands cover the same frequencies",
+        )
+
+    out = Path(request["output_dir"])
+    name = ms_name(request["group_id"])
+    staging = _staging_dir(request, out)
+    ms_tmp = staging / name
+    shutil.rmtree(ms_tmp, ignore_errors=True)
+    t1 = time.monotonic()
+    uvd.write_ms(str(ms_tmp), clobber=True)
+    timings["write_ms_s"] = time.monotonic() - t1
+    del uvd
+    set_telescope_name(ms_tmp, request["telescope"]["casa_name"], request["telescope"]["name"])
+    if staging != out:
+        move_tree(ms_tmp, out / name)
+        shutil.rmtree(staging, ignore_errors=True)
+    ms = out / name
+    facts = inspect_ms(ms)
+    _check(facts, ms)
+    metrics = {
+        "rows": facts["rows"],
+        "n_spw": facts["n_spw"],
+        "n_chan": facts["n_chan"],
+        "freq_min_hz": facts["freq_min_hz"],
+        "freq_max_hz": facts["freq_max_hz"],
+        "flagged_fraction": facts["flagged_fraction"],
+        "data_nonzero_fraction": facts["data_nonzero_fraction"],
+        "n_antennas": len(facts["antennas"]),
+        "telescope_name": facts["telescope_name"],
+        "ms_bytes": dir_bytes(ms),
+        "staged_in": "tmpfs" if staging != out else "disk",
+        "rephased_to_meridian": rephased,
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+    return {"artifacts": [{"path": name, "kind": "ms"}], "metrics": metrics}
+
+
+def _phase_to_meridian(uvd: Any) -> bool:
+    """Drift-scan data → a sidereal centre at (LST at mid-group, pointing dec). pyuvdata
+    cannot write drift (altaz) centres to an MS (REPORT.md §2)."""
+    if all(c["cat_type"] == "sidereal" for c in uvd.phase_center_catalog.values()):
+        return False
+    times = np.unique(uvd.time_array)
+    mid = int(np.argmin(np.abs(uvd.time_array - 0.5 * (times[0] + times[-1]))))
+    dec = uvd.extra_keywords.get("phase_center_dec")
+    if dec is None:
+        raise StageFailure(
+            "validation",
+            "no_pointing_dec",
+            "drift-scan data without Header/extra_keywords/phase_center_dec",
+            "the files lack the pointing declination",
+        )
+    uvd.phase(
+        ra=float(uvd.lst_array[mid]),
+        dec=float(dec),
+        epoch="J2000",
+        cat_name="MERIDIAN_MID",
+        cat_type="sidereal",
+    )
+    return True
+
+
+def _staging_dir(request: dict[str, Any], out: Path) -> Path:
+    preflight = request.get("upstream_metrics", {}).get("preflight", {})
+    tmpfs = request.get("tmpfs_staging")
+    if tmpfs and preflight.get("staging") == "tmpfs":
+        path = Path(tmpfs) / f"{out.parent.name}-{out.name}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return out
+
+
+def _check(facts: dict[str, Any], ms: Path) -> None:
+    problems = []
+    if facts["missing_columns"]:
+        problems.append(f"missing columns {facts['missing_columns']}")
+    if facts["rows"] == 0:
+        problems.append("no rows")
+    if not facts["ascending"] or not facts["positive_widths"]:
+        problems.append("frequencies not ascending with positive widths")
+    if facts.get("data_nonzero_fraction", 0.0) == 0.0 and facts.get("flagged_fraction", 1) < 1:
+        problems.append("DATA is all zero")
+    if problems:
+        raise StageFailure(
+            "fatal",
+            "bad_measurement_set",
+            f"{ms}: " + "; ".join(problems),
+            "the converter produced an invalid MS; this is a bug to report",
+        )
+
+
+if __name__ == "__main__":
+    run(stage)

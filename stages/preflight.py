@@ -1,0 +1,130 @@
+"""Preflight: the 16 subband files open as UVH5 and agree with each other and with the band
+plan, and there is room (disk, optionally tmpfs) for the products they will become."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import (
+    BAND_HIGH_HZ,
+    N_SUBBANDS,
+    SUBBAND_WIDTH_HZ,
+    free_bytes,
+    ordered_subband_files,
+    quiet_astropy,
+)
+from stages.protocol import StageFailure, run
+
+MS_SIZE_FACTOR = 2.5  # MS with MODEL_DATA and CORRECTED_DATA ~ 2.5 x the UVH5 bytes
+DISK_MARGIN = 1.2  # +20 %
+TMPFS_FACTOR = 2.0  # conversion staging in tmpfs wants 2 x the input
+
+
+def stage(request: dict[str, Any]) -> dict[str, Any]:
+    quiet_astropy()
+    from pyuvdata import UVData
+
+    files = ordered_subband_files(request)
+    headers = []
+    for path in files:
+        uvd = UVData()
+        try:
+            uvd.read(path, file_type="uvh5", read_data=False, run_check=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StageFailure(
+                "validation",
+                "unreadable_subband",
+                f"{path}: cannot be read as UVH5: {exc}",
+                "the raw file is damaged; the group is quarantined",
+            ) from exc
+        headers.append((path, uvd))
+    problems = _consistency_problems(headers)
+    if problems:
+        raise StageFailure(
+            "validation",
+            "inconsistent_subbands",
+            "; ".join(problems[:6]),
+            "subband files of one group disagree; inspect the correlator output",
+        )
+
+    input_bytes = sum(os.path.getsize(p) for p in files)
+    estimate = int(input_bytes * MS_SIZE_FACTOR)
+    needed = int(estimate * DISK_MARGIN)
+    products = Path(request["final_dir"]).parent.parent
+    free = free_bytes(products)
+    if free < needed:
+        raise StageFailure(
+            "retryable",
+            "insufficient_disk",
+            f"products filesystem has {free / 1e9:.2f} GB free, the group needs "
+            f"{needed / 1e9:.2f} GB (MS estimate {estimate / 1e9:.2f} GB + 20 %)",
+            "free disk space under the products directory; the group is retried",
+        )
+    staging = "disk"
+    tmpfs = request.get("tmpfs_staging")
+    tmpfs_free = None
+    if tmpfs:
+        tmpfs_free = free_bytes(Path(tmpfs))
+        if tmpfs_free >= TMPFS_FACTOR * input_bytes:
+            staging = "tmpfs"
+    first = headers[0][1]
+    plan = {
+        "staging": staging,
+        "input_bytes": input_bytes,
+        "estimated_ms_bytes": estimate,
+        "products_free_bytes": free,
+        "tmpfs_free_bytes": tmpfs_free,
+        "n_antennas": int(first.Nants_data),
+        "n_times": int(first.Ntimes),
+        "n_channels": int(sum(u.Nfreqs for _p, u in headers)),
+        "pointing_dec_deg": float(np.degrees(first.extra_keywords["phase_center_dec"])),
+        "telescope_name": first.telescope.name,
+    }
+    out = Path(request["output_dir"])
+    (out / "preflight.json").write_text(json.dumps(plan, indent=1))
+    return {"artifacts": [{"path": "preflight.json", "kind": "preflight_report"}], "metrics": plan}
+
+
+def _consistency_problems(headers: list[tuple[str, Any]]) -> list[str]:
+    problems: list[str] = []
+    ref_path, ref = headers[0]
+    ref_times = np.unique(ref.time_array)
+    ref_dec = ref.extra_keywords.get("phase_center_dec")
+    if ref_dec is None:
+        problems.append(f"{ref_path}: no Header/extra_keywords/phase_center_dec")
+    for path, uvd in headers:
+        name = os.path.basename(path)
+        dec = uvd.extra_keywords.get("phase_center_dec")
+        if ref_dec is not None and (dec is None or abs(float(dec) - float(ref_dec)) > 1e-6):
+            problems.append(f"{name}: declination {dec} differs from {ref_dec} ({ref_path})")
+        times = np.unique(uvd.time_array)
+        if len(times) != len(ref_times) or np.max(np.abs(times - ref_times)) > 1e-6:
+            problems.append(f"{name}: time axis differs from {os.path.basename(ref_path)}")
+        if (uvd.Nbls, uvd.Npols) != (ref.Nbls, ref.Npols):
+            problems.append(f"{name}: shape (Nbls {uvd.Nbls}, Npols {uvd.Npols}) differs")
+    # Ascending order: sb15 ... sb00. Subband k must lie in its slot of the band plan.
+    seen: set[int] = set()
+    for path, uvd in headers:
+        freqs = np.asarray(uvd.freq_array).ravel()
+        centre = float(freqs.mean())
+        slot = int((BAND_HIGH_HZ - centre) // SUBBAND_WIDTH_HZ)
+        name = os.path.basename(path)
+        expected = int(name[-7:-5])
+        if slot != expected or not 0 <= slot < N_SUBBANDS:
+            problems.append(
+                f"{name}: frequencies {freqs.min() / 1e6:.2f}-"
+                f"{freqs.max() / 1e6:.2f} MHz are not subband {expected:02d}"
+            )
+        if slot in seen:
+            problems.append(f"{name}: duplicates the frequencies of another subband")
+        seen.add(slot)
+    return problems
+
+
+if __name__ == "__main__":
+    run(stage)
