@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -89,35 +90,7 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
     g0_spw = f"0:{nchan // 2 - half}~{nchan // 2 + half - 1}" if facts["n_spw"] == 1 else ""
     minsnr = float(params.get("minsnr", 5.0))
     t = time.monotonic()
-    stats = {}
-    stats["G0"] = ct.gaincal(
-        vis=str(ms),
-        caltable=str(tables["G0"]),
-        calmode="p",
-        solint="int",
-        refant=refant,
-        minsnr=3.0,
-        spw=g0_spw,
-    )
-    stats["B"] = ct.bandpass(
-        vis=str(ms),
-        caltable=str(tables["B"]),
-        solint="inf",
-        combine="scan",
-        refant=refant,
-        gaintable=[str(tables["G0"])],
-        minsnr=minsnr,
-        solnorm=False,
-    )
-    stats["G"] = ct.gaincal(
-        vis=str(ms),
-        caltable=str(tables["G"]),
-        calmode="ap",
-        solint=str(params.get("gain_solint", "inf")),
-        refant=refant,
-        gaintable=[str(tables["B"])],
-        minsnr=3.0,
-    )
+    stats = _solve_tables(ms, tables, refant, g0_spw, minsnr, params)
     timings["solve_s"] = time.monotonic() - t
     for kind, path in tables.items():
         if not path.exists():
@@ -165,6 +138,51 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
         {"path": "calibration.json", "kind": "calibration_report"},
     ]
     return {"artifacts": artifacts, "metrics": metrics}
+
+
+def _solve_tables(
+    ms: Path,
+    tables: dict[str, Path],
+    refant: str,
+    g0_spw: str,
+    minsnr: float,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """G0 (phase, per integration, central channels) -> bandpass -> amplitude+phase gains."""
+    import casatasks as ct
+
+    for path in tables.values():
+        shutil.rmtree(path, ignore_errors=True)
+    stats = {}
+    stats["G0"] = ct.gaincal(
+        vis=str(ms),
+        caltable=str(tables["G0"]),
+        calmode="p",
+        solint="int",
+        refant=refant,
+        minsnr=3.0,
+        spw=g0_spw,
+    )
+    stats["B"] = ct.bandpass(
+        vis=str(ms),
+        caltable=str(tables["B"]),
+        solint="inf",
+        combine="scan",
+        refant=refant,
+        gaintable=[str(tables["G0"])],
+        minsnr=minsnr,
+        solnorm=False,
+    )
+    stats["G"] = ct.gaincal(
+        vis=str(ms),
+        caltable=str(tables["G"]),
+        calmode="ap",
+        solint=str(params.get("gain_solint", "inf")),
+        refant=refant,
+        gaintable=[str(tables["B"])],
+        minsnr=3.0,
+    )
+    return stats
 
 
 def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +259,9 @@ def _corrected_check(ms: Path) -> dict[str, Any]:
         corrected = t.getcol("CORRECTED_DATA", 0, n)
         data = t.getcol("DATA", 0, n)
         flags = t.getcol("FLAG", 0, n)
+        cross = t.getcol("ANTENNA1", 0, n) != t.getcol("ANTENNA2", 0, n)
+    # Autocorrelations were flagged on purpose: judge the cross-correlations.
+    corrected, data, flags = corrected[cross], data[cross], flags[cross]
     good = ~flags
     if not good.any():
         raise StageFailure(

@@ -112,6 +112,17 @@ def inspect_ms(ms: Path, *, data_column: str = "DATA", sample_rows: int = 200_00
     return out
 
 
+def cell_arcsec(ms: Path, facts: dict[str, Any]) -> tuple[float, float]:
+    """Image cell = 1/(5 u_max) at the top of the band (5 pixels across the synthesized
+    beam); returns (cell in arcsec, u_max in wavelengths)."""
+    from casacore.tables import table
+
+    with table(str(ms), readonly=True, ack=False) as t:
+        uvw = t.getcol("UVW")
+    umax = float(np.sqrt(uvw[:, 0] ** 2 + uvw[:, 1] ** 2).max()) * facts["freq_max_hz"] / C_M_S
+    return float(np.round(np.degrees(1.0 / umax / 5.0) * 3600.0, 2)), umax
+
+
 def sigma_theory_jy(ms: Path, sefd_jy: float) -> dict[str, float]:
     """Radiometer-equation Stokes I image noise (natural weighting) from the MS's actual
     unflagged cross-correlation samples: SEFD / sqrt(2 sum(dnu tau)) over XX and YY."""

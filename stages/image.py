@@ -1,6 +1,7 @@
-"""Image: tclean (MFS, mtmfs nterms=2, Briggs) of CORRECTED_DATA with a cell and size from the
-uv coverage and a threshold from the radiometer equation, exportfits, a PNG preview, and the
-QA numbers the image gate judges (rms vs theory, peak, dynamic range, beam, calibrator flux).
+"""Image: tclean (MFS, Briggs; mtmfs nterms=2 on calibrator fields) of CORRECTED_DATA, with
+a cell and size from the uv coverage and a threshold from the radiometer equation; exportfits,
+a PNG preview, and the QA numbers the image gate judges (rms vs theory, peak, dynamic range,
+beam, calibrator flux).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import C_M_S, inspect_ms, sigma_theory_jy
+from stages.common import C_M_S, cell_arcsec, inspect_ms, sigma_theory_jy
 from stages.protocol import StageFailure, run
 
 PB_FWHM_FACTOR = 1.03
@@ -49,11 +50,19 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
     sefd = float(request["telescope"]["sefd_jy"])
     theory = sigma_theory_jy(ms, sefd)
     sigma = theory["sigma_theory_jy"]
-    cell_arcsec, umax_lambda = _cell_arcsec(ms, facts)
+    cell, umax_lambda = cell_arcsec(ms, facts)
     imsize = int(params.get("imsize", 256))
     niter = int(params.get("niter", 1000))
     robust = float(params.get("robust", 0.0))
     nsigma = float(params.get("threshold_nsigma", 3.0))
+    # mtmfs (nterms=2) models the spectral index a bright calibrator needs across the 13 %
+    # band (hogbom's floor there is 4-9 mJy, REPORT.md §4); on faint target fields it cost
+    # the faintest sources 5-10 % of their flux here, where hogbom recovers 94-100 %.
+    deconvolver = str(params.get("deconvolver", "auto"))
+    if deconvolver == "auto":
+        deconvolver = "mtmfs" if request.get("calibrator_source") else "hogbom"
+    nterms = 2 if deconvolver == "mtmfs" else 1
+    suffix = ".tt0" if deconvolver == "mtmfs" else ""
     out = Path(request["output_dir"])
     base = out / "img"
     t = time.monotonic()
@@ -62,10 +71,10 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         imagename=str(base),
         datacolumn="corrected",
         imsize=imsize,
-        cell=f"{cell_arcsec}arcsec",
+        cell=f"{cell}arcsec",
         specmode="mfs",
-        deconvolver="mtmfs",
-        nterms=2,
+        deconvolver=deconvolver,
+        nterms=nterms,
         weighting="briggs",
         robust=robust,
         niter=niter,
@@ -76,7 +85,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         interactive=False,
     )
     tclean_s = time.monotonic() - t
-    image = Path(f"{base}.image.tt0")
+    image = Path(f"{base}.image{suffix}")
     if not image.exists():
         raise StageFailure(
             "retryable",
@@ -86,16 +95,19 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         )
     fits = out / "image.fits"
     ct.exportfits(imagename=str(image), fitsimage=str(fits), overwrite=True)
-    qa = _measure(base, request, sigma, cell_arcsec)
+    _fix_obsgeo(fits, facts)
+    qa = _measure(base, suffix, request, sigma, cell)
     png = out / "image.png"
     _preview(fits, png, request["group_id"], qa)
-    # Keep the FITS, the preview and the tt0 image; drop the bulky intermediates.
+    # Keep the FITS, the preview and the CASA image; drop the bulky intermediates.
+    keep = {f"img.image{suffix}", f"img.psf{suffix}", f"img.sumwt{suffix}"}
     for p in out.glob("img.*"):
-        if p.name not in ("img.image.tt0", "img.psf.tt0", "img.sumwt.tt0"):
+        if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
     metrics = {
         **qa,
-        "cell_arcsec": cell_arcsec,
+        "deconvolver": deconvolver,
+        "cell_arcsec": cell,
         "imsize": imsize,
         "niter": niter,
         "robust": robust,
@@ -107,38 +119,30 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         "artifacts": [
             {"path": "image.fits", "kind": "image_fits"},
             {"path": "image.png", "kind": "image_png"},
-            {"path": "img.image.tt0", "kind": "casa_image"},
+            {"path": f"img.image{suffix}", "kind": "casa_image"},
         ],
         "metrics": metrics,
         "qa": qa,
     }
 
 
-def _cell_arcsec(ms: Path, facts: dict[str, Any]) -> tuple[float, float]:
-    """Cell = 1/(5 u_max) at the top of the band (a 5-pixel synthesized beam)."""
-    from casacore.tables import table
-
-    with table(str(ms), readonly=True, ack=False) as t:
-        uvw = t.getcol("UVW")
-    umax = float(np.sqrt(uvw[:, 0] ** 2 + uvw[:, 1] ** 2).max()) * facts["freq_max_hz"] / C_M_S
-    return float(np.round(np.degrees(1.0 / umax / 5.0) * 3600.0, 2)), umax
-
-
-def _measure(base: Path, request: dict[str, Any], sigma: float, cell: float) -> dict[str, Any]:
+def _measure(
+    base: Path, suffix: str, request: dict[str, Any], sigma: float, cell: float
+) -> dict[str, Any]:
     from casatools import image
 
     ia = image()
-    ia.open(f"{base}.image.tt0")
+    ia.open(f"{base}.image{suffix}")
     pix = ia.getchunk()[:, :, 0, 0]
     cs = ia.coordsys()
     beam = ia.restoringbeam()
     reffreq = float(cs.referencevalue(format="n")["numeric"][3])
     centre = cs.referencevalue(format="n")["numeric"][:2]
     ia.close()
-    ia.open(f"{base}.psf.tt0")
+    ia.open(f"{base}.psf{suffix}")
     psf_peak = float(np.max(ia.getchunk()))
     ia.close()
-    ia.open(f"{base}.sumwt.tt0")
+    ia.open(f"{base}.sumwt{suffix}")
     sumwt = float(np.max(ia.getchunk()))
     ia.close()
     finite = bool(np.all(np.isfinite(pix)))
@@ -191,7 +195,7 @@ def _measure(base: Path, request: dict[str, Any], sigma: float, cell: float) -> 
             )
             beam_gain = math.exp(-4 * math.log(2) * (offset_deg / fwhm_deg) ** 2)
             expected = cal["flux_jy_1p4ghz"] * (reffreq / 1.4e9) ** cal["spectral_index"]
-            measured, method = _fitted_flux(f"{base}.image.tt0", ix, iy, r * 4)
+            measured, method = _fitted_flux(f"{base}.image{suffix}", ix, iy, r * 4)
             if measured is None:
                 measured, method = float(box.max()), "peak_pixel"
             qa.update(
@@ -202,6 +206,17 @@ def _measure(base: Path, request: dict[str, Any], sigma: float, cell: float) -> 
                 calibrator_flux_method=method,
             )
     return qa
+
+
+def _fix_obsgeo(fits: Path, facts: dict[str, Any]) -> None:
+    """exportfits writes OBSGEO-X/Y/Z as the observatory's (lon, lat, height) taken for
+    Cartesian metres (|OBSGEO| = 1188 m here); write the array centre's ITRF XYZ instead."""
+    from astropy.io import fits as pyfits
+
+    centre = np.mean(np.asarray(facts["antenna_positions_m"]), axis=0)
+    with pyfits.open(fits, mode="update") as hdul:
+        for axis, value in zip("XYZ", centre, strict=True):
+            hdul[0].header[f"OBSGEO-{axis}"] = (float(value), "[m] array centre, ITRF")
 
 
 def _fitted_flux(image_path: str, ix: int, iy: int, half: int) -> tuple[float | None, str]:

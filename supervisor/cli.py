@@ -123,6 +123,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         *_fault_list("truncate", args.truncate),
         *_fault_list("duplicate", args.duplicate),
         *_fault_list("garbage", args.garbage),
+        *_fault_list("flagged", args.flag),
     ]
     try:
         spec = SimulationSpec(
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("truncate", "truncate to half"),
         ("duplicate", "write a second file for"),
         ("garbage", "write random bytes as"),
+        ("flag", "flag every visibility of"),
     ):
         p.add_argument(
             f"--{kind}", action="append", metavar="[GROUP:]SB", help=f"fault: {what} this file"

@@ -40,13 +40,16 @@ N_SUBBANDS = 16
 PB_FWHM_FACTOR = 1.03  # primary beam FWHM = 1.03 lambda / D (Airy main lobe)
 
 
+FAULT_KINDS = ("drop", "truncate", "duplicate", "garbage", "flagged")
+
+
 @dataclass(frozen=True)
 class Fault:
     """A deliberate defect in one subband file of one group, for tests.
 
     kind: ``drop`` (file not written), ``truncate`` (cut to half its size), ``duplicate``
     (a second file for the same subband, 5 s later in its name), ``garbage`` (random
-    bytes instead of HDF5).
+    bytes instead of HDF5), ``flagged`` (a valid file whose every visibility is flagged).
     """
 
     kind: str
@@ -100,8 +103,8 @@ class SimulationSpec:
         if not 0 <= self.calibrator_group < self.n_groups:
             problems.append(f"calibrator_group={self.calibrator_group}: outside 0..groups-1")
         for f in self.faults:
-            if f.kind not in ("drop", "truncate", "duplicate", "garbage"):
-                problems.append(f"fault {f.kind!r}: must be drop/truncate/duplicate/garbage")
+            if f.kind not in FAULT_KINDS:
+                problems.append(f"fault {f.kind!r}: must be one of {', '.join(FAULT_KINDS)}")
             if not 0 <= f.subband < N_SUBBANDS or not 0 <= f.group_index < self.n_groups:
                 problems.append(f"fault {f.kind}:{f.group_index}:{f.subband}: no such file")
         if problems:
@@ -165,17 +168,22 @@ def radiometer_sigma_image(
 
 
 def t_array_layout(n_antennas: int, rng: np.random.Generator) -> np.ndarray:
-    """ENU positions (m) of a synthetic DSA-110-like "T": an E-W arm and a N-S arm.
+    """ENU positions (m) of a synthetic DSA-110-like "T": an E-W arm (+-575 m, denser near
+    the centre) and a N-S arm (to ~1200 m).
 
-    Not the real pads; the T gives DSA-110's cross-shaped PSF. Positions are at least 6 m
-    apart so that no baseline is shorter than a dish diameter.
+    Antennas sit at quantiles along each arm with random jitter, so that even 8 antennas give
+    short, medium and long spacings on both arms (uniform random draws can bunch them and
+    leave a PSF that CLEAN cannot handle). Not the real pads; at least 6 m apart.
     """
     n_ew = max(2, math.ceil(n_antennas / 2))
     n_ns = n_antennas - n_ew
-    g = rng.uniform(-1.0, 1.0, n_ew)
-    x = np.sort(np.sign(g) * np.abs(g) ** 1.5 * 575.0)
+    q = (np.arange(n_ew) + 0.5) / n_ew * 2.0 - 1.0  # -1..1
+    q = q + rng.uniform(-0.35, 0.35, n_ew) / n_ew
+    x = np.sign(q) * np.abs(q) ** 1.5 * 575.0
     ew = np.stack([x, rng.normal(0, 0.5, n_ew), rng.normal(0, 0.2, n_ew)], axis=1)
-    y = np.sort(rng.uniform(0.03, 1.0, n_ns) * 1200.0)
+    qn = (np.arange(n_ns) + 0.5) / max(n_ns, 1)
+    qn = np.clip(qn + rng.uniform(-0.35, 0.35, n_ns) / max(n_ns, 1), 0.02, 1.0)
+    y = 30.0 + qn**1.3 * 1170.0
     ns = np.stack([rng.normal(0, 0.5, n_ns), y, rng.normal(0, 0.2, n_ns)], axis=1)
     enu = np.concatenate([ew, ns], axis=0)
     for i in range(len(enu)):
@@ -432,11 +440,12 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
                 data = data + noise
             uvd = template.select(freq_chans=chans, inplace=False)
             uvd.data_array = data.reshape(spec.n_times * nbl, nch, 2).astype(np.complex64)
-            uvd.flag_array = np.zeros(uvd.data_array.shape, dtype=bool)
+            fault = faults.get((gi, sb))
+            flagged = fault is not None and fault.kind == "flagged"
+            uvd.flag_array = np.full(uvd.data_array.shape, flagged, dtype=bool)
             uvd.nsample_array = np.ones(uvd.data_array.shape, dtype=np.float32)
             stamp = (start + timedelta(seconds=int(sb_offsets[sb]))).strftime("%Y-%m-%dT%H:%M:%S")
             path = out / f"{stamp}_sb{sb:02d}.hdf5"
-            fault = faults.get((gi, sb))
             if fault is not None and fault.kind == "drop":
                 applied_faults.append({**asdict(fault), "path": str(path)})
                 continue
@@ -444,7 +453,8 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
             files.append(path.name)
             if fault is not None:
                 applied_faults.append({**asdict(fault), "path": str(path)})
-                _apply_fault(fault, path, uvd, start, rng)
+                if fault.kind != "flagged":
+                    _apply_fault(fault, path, uvd, start, rng)
 
         mid = start + timedelta(seconds=0.5 * spec.group_duration_s)
         # Ingest keys a group on its earliest file name: use the same id here.

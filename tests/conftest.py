@@ -187,9 +187,12 @@ def _toml(value: object) -> str:
 
 
 def add_pending_group(
-    db: Database, group_id: str, *, priority: int = 1, calibrator: str | None = None
+    db: Database, group_id: str, *, priority: int = 1, calibrator: str | None = "3C48"
 ) -> None:
-    """A group straight in ``pending`` at preflight (orchestration tests skip ingest)."""
+    """A group straight in ``pending`` at preflight (orchestration tests skip ingest).
+
+    By default it is a calibrator group, so its calibrate stage solves instead of waiting
+    for registered tables."""
     from supervisor.models import Group
     from supervisor.states import Actor, State, create_group, transition
 

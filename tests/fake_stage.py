@@ -17,6 +17,14 @@ from typing import Any
 
 from stages.protocol import StageFailure, run
 
+# What the real stages report and the mandatory gates need (a pass for each gated stage).
+GATE_METRICS = {
+    "flagged_fraction": 0.0,
+    "mode": "apply",
+    "flagged_fraction_after_apply": 0.0,
+    "rms_over_theory": 1.0,
+}
+
 
 def stage(request: dict[str, Any]) -> dict[str, Any]:
     params = request["tier"]["params"]
@@ -36,7 +44,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         marker.write_text(f"{request['group_id']} {request['stage']} attempt {request['attempt']}")
         return {
             "artifacts": [{"path": marker.name, "kind": f"{request['stage']}_output"}],
-            "metrics": {"answer": 42},
+            "metrics": GATE_METRICS,
         }
     if behaviour == "bad_artifact":
         return {"artifacts": [{"path": "never-written.ms", "kind": "ms"}]}
@@ -70,7 +78,13 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         # What CASA does: the work succeeded, the result is written, then teardown crashes.
         marker.write_text("complete output")
         Path(request["result_path"]).write_text(
-            json.dumps({"status": "succeeded", "artifacts": [{"path": marker.name, "kind": "x"}]})
+            json.dumps(
+                {
+                    "status": "succeeded",
+                    "metrics": GATE_METRICS,
+                    "artifacts": [{"path": marker.name, "kind": "x"}],
+                }
+            )
         )
         os.kill(os.getpid(), signal.SIGSEGV)
     if behaviour == "garbage":

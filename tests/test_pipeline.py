@@ -260,8 +260,8 @@ def test_calibrator_groups_first_then_observation_time(
     workspace: Path, sqlite_db: Database
 ) -> None:
     cfg = fake_pipeline_config(workspace)
-    add_pending_group(sqlite_db, "2025-10-05T12:40:00")
-    add_pending_group(sqlite_db, "2025-10-05T12:30:00")
+    add_pending_group(sqlite_db, "2025-10-05T12:40:00", calibrator=None)
+    add_pending_group(sqlite_db, "2025-10-05T12:30:00", calibrator=None)
     add_pending_group(sqlite_db, "2025-10-05T12:50:00", priority=0, calibrator="3C48")
     daemon = Daemon(cfg, sqlite_db, ingest=False)
     order = [daemon.leases.claim_next().group_id for _ in range(3)]

@@ -1,0 +1,266 @@
+"""End to end with the real CASA stages on small synthetic DSA-110 data (8 antennas x 4
+channels x 16 subbands): a calibrator group, a target calibrated from its tables, and three
+failure paths (every visibility flagged, a corrupt MS, a missing subband).
+
+One night is run once for the module (about two minutes on 2 cores); the tests read what it
+left behind: the state database, the products, and the simulator's truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from supervisor import migrate
+from supervisor.config import Config, load_config
+from supervisor.daemon import Daemon
+from supervisor.db import Database
+from supervisor.ingest import Ingestor
+from supervisor.models import (
+    Artifact,
+    CalibrationSet,
+    Group,
+    Product,
+    QualityAssessment,
+    StageAttempt,
+    utcnow,
+)
+from supervisor.simulate import Fault, SimulationSpec, simulate
+from tests.truth_checks import gain_errors, measure_sources
+
+pytestmark = pytest.mark.casa
+
+CAL, TARGET, FLAGGED, MISSING, CORRUPT = range(5)
+
+
+@dataclass
+class Night:
+    cfg: Config
+    db: Database
+    ids: list[str]
+    truth_dir: Path
+
+    def group(self, index: int) -> Group:
+        with self.db.transaction() as s:
+            return s.get(Group, self.ids[index])  # type: ignore[return-value]
+
+    def truth(self, index: int) -> dict:
+        return json.loads((self.truth_dir / f"{self.ids[index]}.json").read_text())
+
+    def metrics(self, index: int, stage: str) -> dict:
+        with self.db.transaction() as s:
+            attempt = s.scalars(
+                select(StageAttempt).where(
+                    StageAttempt.group_id == self.ids[index],
+                    StageAttempt.stage == stage,
+                    StageAttempt.outcome == "succeeded",
+                )
+            ).one()
+            return attempt.result["metrics"]
+
+    def artifact(self, index: int, kind: str) -> Path:
+        with self.db.transaction() as s:
+            return Path(
+                s.scalars(
+                    select(Artifact.path).where(
+                        Artifact.group_id == self.ids[index], Artifact.kind == kind
+                    )
+                ).one()
+            )
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> Night:
+    ws = tmp_path_factory.mktemp("e2e")
+    cwd_before = set(os.listdir("."))
+    cfg = load_config(workspace=ws, environ={})
+    faults = tuple(Fault("flagged", FLAGGED, sb) for sb in range(16)) + (Fault("drop", MISSING, 7),)
+    truths = simulate(
+        ws / "incoming",
+        SimulationSpec(
+            n_groups=5, calibrator="3C48", calibrator_group=CAL, seed=2026, faults=faults
+        ),
+    )
+    db = Database(cfg.database_url)
+    migrate.upgrade(db)
+    ids = [t.group_id for t in truths]
+    daemon = Daemon(cfg, db, rng=random.Random(1))
+    corrupted = False
+    while True:  # one attempt at a time, so the corrupt-MS group can be damaged mid-way
+        before = daemon.summary.attempts
+        daemon.run(until_idle=True, max_attempts=before + 1)
+        if not corrupted:
+            corrupted = _corrupt_after_convert(db, ids[CORRUPT])
+        if daemon.summary.attempts == before:
+            break
+    # The group missing sb07 is still collecting: its deadline passes.
+    later = utcnow() + timedelta(seconds=cfg.ingest.group_deadline_s + 1)
+    Ingestor(cfg, db, clock=lambda: later).run_once()
+    assert corrupted, "the corrupt-MS group never reached convert"
+    assert set(os.listdir(".")) == cwd_before, "CASA must not write into the current directory"
+    return Night(cfg, db, ids, ws / "incoming" / "truth")
+
+
+def _corrupt_after_convert(db: Database, group_id: str) -> bool:
+    with db.transaction() as s:
+        ms = s.scalars(
+            select(Artifact.path).where(Artifact.group_id == group_id, Artifact.kind == "ms")
+        ).first()
+    if ms is None:
+        return False
+    table_dat = Path(ms) / "table.dat"
+    os.truncate(table_dat, table_dat.stat().st_size // 2)
+    return True
+
+
+def test_calibrator_group_completes_with_a_solved_calibration(night: Night) -> None:
+    group = night.group(CAL)
+    assert (group.state, group.calibrator_name) == ("completed", "3C48")
+    with night.db.transaction() as s:
+        (cal_set,) = s.scalars(select(CalibrationSet)).all()
+        assert (cal_set.group_id, cal_set.calibrator, cal_set.status) == (
+            night.ids[CAL],
+            "3C48",
+            "valid",
+        )
+        assert cal_set.valid_until - cal_set.valid_from == timedelta(hours=24)
+        assert sorted(t.kind for t in cal_set.tables) == ["B", "G", "G0"]
+        tiers = set(
+            s.scalars(select(Product.calibration_tier).where(Product.group_id == night.ids[CAL]))
+        )
+    assert tiers == {"self"}
+
+
+def test_recovered_gains_match_the_injected_ones(night: Night) -> None:
+    truth = night.truth(CAL)
+    refant = night.metrics(CAL, "calibrate")["refant"]
+    caldir = night.artifact(CAL, "caltable_B").parent
+    errors = gain_errors(
+        caldir, night.truth_dir / f"{night.ids[CAL]}.npz", truth["antenna_names"].index(refant)
+    )
+    assert errors["flagged_fraction"] == 0.0
+    assert errors["amp_err_rms_pct"] < 2.0
+    assert errors["phase_err_rms_deg"] < 2.0
+
+
+def test_calibrator_flux_and_image_noise(night: Night) -> None:
+    image = night.metrics(CAL, "image")
+    assert image["calibrator_flux_method"] == "gaussian_fit"
+    assert abs(image["calibrator_flux_ratio"] - 1.0) < 0.02
+    assert 0.5 <= image["rms_over_theory"] <= 2.0
+    assert image["psf_peak"] > 0 and image["sumwt"] > 0 and image["image_finite"]
+
+
+def test_target_is_calibrated_from_the_calibrators_tables(night: Night) -> None:
+    group = night.group(TARGET)
+    assert group.state == "completed" and not group.is_calibrator
+    calib = night.metrics(TARGET, "calibrate")
+    assert (calib["mode"], calib["calibration_tier"], calib["calibrator"]) == (
+        "apply",
+        "valid_window",
+        "3C48",
+    )
+    assert calib["corrected_nonzero_fraction"] == 1.0
+    with night.db.transaction() as s:
+        products = {
+            p.kind: p
+            for p in s.scalars(select(Product).where(Product.group_id == night.ids[TARGET]))
+        }
+        verdicts = {
+            row.stage: row.verdict
+            for row in s.scalars(
+                select(QualityAssessment).where(QualityAssessment.group_id == night.ids[TARGET])
+            )
+        }
+    assert set(products) == {"ms", "image_fits", "image_png", "qa"}
+    assert {p.calibration_tier for p in products.values()} == {"valid_window"}
+    assert all(Path(p.path).exists() for p in products.values() if p.path)
+    assert Path(products["image_png"].path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert verdicts == {"convert": "pass", "calibrate": "pass", "image": "pass"}
+
+
+def test_target_sources_fluxes_positions_and_noise(night: Night) -> None:
+    fits = night.artifact(TARGET, "image_fits")
+    sources = measure_sources(fits, night.truth_dir / f"{night.ids[TARGET]}.json")
+    assert len(sources) == 3
+    for src in sources:
+        assert abs(src["ratio"] - 1.0) < 0.10, src
+        assert src["offset_pix"] < 1.0, src
+    image = night.metrics(TARGET, "image")
+    assert 0.5 <= image["rms_over_theory"] <= 2.0
+
+
+def test_measurement_set_is_what_casa_needs(night: Night) -> None:
+    from casacore.tables import table
+
+    ms = night.artifact(TARGET, "ms")
+    convert = night.metrics(TARGET, "convert")
+    assert (convert["n_spw"], convert["n_chan"], convert["flagged_fraction"]) == (1, 64, 0.0)
+    with table(str(ms / "SPECTRAL_WINDOW"), ack=False) as spw:
+        freqs = spw.getcell("CHAN_FREQ", 0)
+    assert (freqs[1:] > freqs[:-1]).all() and 1.311e9 < freqs[0] < freqs[-1] < 1.499e9
+    with table(str(ms / "OBSERVATION"), ack=False) as obs:
+        assert obs.getcol("TELESCOPE_NAME")[0] == "OVRO_MMA"
+        assert obs.getkeyword("CONTIMG_TELESCOPE_IDENTITY") == "DSA-110"
+    with table(str(ms), ack=False) as t:
+        assert "CORRECTED_DATA" in t.colnames()
+
+
+def test_all_flagged_group_is_quarantined_by_the_convert_gate(night: Night) -> None:
+    group = night.group(FLAGGED)
+    assert (group.state, group.stage, group.error_category, group.error_code) == (
+        "quarantined",
+        "convert",
+        "validation",
+        "convert_gate_failed",
+    )
+    assert "flagged_fraction=1" in group.state_reason
+    with night.db.transaction() as s:
+        qa = s.scalars(
+            select(QualityAssessment).where(QualityAssessment.group_id == night.ids[FLAGGED])
+        ).one()
+    assert (qa.stage, qa.verdict) == ("convert", "fail") and qa.score <= 0.33
+    assert not (night.cfg.path("products") / night.ids[FLAGGED] / "convert").exists()
+
+
+def test_corrupt_measurement_set_fails_with_a_hint(night: Night) -> None:
+    group = night.group(CORRUPT)
+    assert (group.state, group.stage, group.error_category, group.error_code) == (
+        "failed",
+        "calibrate",
+        "fatal",
+        "corrupt_table",
+    )
+    assert "Unable to open MS" in group.state_reason or "readBlock" in group.state_reason
+    with night.db.transaction() as s:
+        attempt = s.scalars(
+            select(StageAttempt).where(
+                StageAttempt.group_id == night.ids[CORRUPT], StageAttempt.stage == "calibrate"
+            )
+        ).one()
+    assert "requeue GROUP --from-stage convert" in attempt.hint
+
+
+def test_missing_subband_is_quarantined_naming_it(night: Night) -> None:
+    group = night.group(MISSING)
+    assert (group.state, group.error_code) == ("quarantined", "incomplete_group")
+    assert "sb07" in group.state_reason
+
+
+def test_no_staging_left_and_casa_logs_are_in_attempt_directories(night: Night) -> None:
+    staging = night.cfg.path("staging")
+    assert not staging.exists() or not any(staging.rglob("*"))
+    logs = list(Path(night.cfg.workspace).rglob("casa*.log"))
+    assert logs and all(p.name == "casa.log" and "logs" in p.parts for p in logs)
+    with night.db.transaction() as s:
+        running = s.scalar(
+            select(func.count()).select_from(StageAttempt).where(StageAttempt.outcome == "running")
+        )
+    assert running == 0
