@@ -19,21 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import inspect_ms
+from stages.common import committed_ms, inspect_ms
 from stages.protocol import StageFailure, casa_log_lines, run
 
 UNSOLVED_RE = re.compile(r"could not be (solved|corrected)")
 
 
 def stage(request: dict[str, Any]) -> dict[str, Any]:
-    ms = Path(request["artifacts"]["ms"])
-    if not ms.exists():
-        raise StageFailure(
-            "fatal",
-            "missing_input",
-            f"MS {ms} does not exist",
-            "the convert product is gone: `requeue GROUP --from-stage convert`",
-        )
+    ms = committed_ms(request)
     plan = request.get("calibration_plan") or {}
     if plan.get("mode") == "solve":
         return _solve(request, ms, plan)
@@ -101,16 +94,12 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
                 "try the next tier (relaxed SNR / another reference antenna)",
             )
     quality = {kind: _table_quality(path) for kind, path in tables.items()}
-    unsolved = [
-        line for line in casa_log_lines(request.get("casa_log")) if UNSOLVED_RE.search(line)
-    ]
-    if unsolved:
-        raise StageFailure(
-            "recoverable",
-            "unsolved_spw",
-            "CASA skipped spectral windows: " + unsolved[0][-300:],
-            "some SPWs lack (pre-)calibration; the next tier retries the solve",
-        )
+    _fail_if_casa_skipped_spws(
+        request,
+        "unsolved_spw",
+        "CASA skipped spectral windows",
+        "some SPWs lack (pre-)calibration; the next tier retries",
+    )
     t = time.monotonic()
     _applycal(ms, [str(tables["B"]), str(tables["G"])], ["nearest", "linear"])
     timings["apply_s"] = time.monotonic() - t
@@ -209,16 +198,12 @@ def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict
         )
     t = time.monotonic()
     _applycal(ms, [tab["path"] for tab in tables], [tab["interp"] for tab in tables])
-    unsolved = [
-        line for line in casa_log_lines(request.get("casa_log")) if UNSOLVED_RE.search(line)
-    ]
-    if unsolved:
-        raise StageFailure(
-            "recoverable",
-            "uncorrected_spw",
-            "applycal left spectral windows uncalibrated: " + unsolved[0][-300:],
-            "the tables do not cover this MS; another calibration set is tried",
-        )
+    _fail_if_casa_skipped_spws(
+        request,
+        "uncorrected_spw",
+        "applycal left spectral windows uncalibrated",
+        "the tables do not cover this MS; another set is tried",
+    )
     corrected = _corrected_check(ms)
     metrics = {
         "mode": "apply",
@@ -234,6 +219,14 @@ def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict
         "artifacts": [{"path": "calibration.json", "kind": "calibration_report"}],
         "metrics": metrics,
     }
+
+
+def _fail_if_casa_skipped_spws(request: dict[str, Any], code: str, what: str, hint: str) -> None:
+    """CASA only WARNs "could not be solved/corrected due to missing (pre-)calibration" and
+    leaves those spectral windows uncalibrated (REPORT.md §3, pitfall 2): make it an error."""
+    skipped = [line for line in casa_log_lines(request.get("casa_log")) if UNSOLVED_RE.search(line)]
+    if skipped:
+        raise StageFailure("recoverable", code, f"{what}: {skipped[0][-300:]}", hint)
 
 
 def _applycal(ms: Path, tables: list[str], interp: list[str]) -> None:

@@ -46,6 +46,19 @@ def ordered_subband_files(request: dict[str, Any]) -> list[str]:
     return [files[sb] for sb in sorted(files, reverse=True)]
 
 
+def committed_ms(request: dict[str, Any]) -> Path:
+    """The group's Measurement Set as committed by convert; fatal if it is gone."""
+    ms = Path(request["artifacts"]["ms"])
+    if not ms.exists():
+        raise StageFailure(
+            "fatal",
+            "missing_input",
+            f"MS {ms} does not exist",
+            "the convert product is gone: `requeue GROUP --from-stage convert`",
+        )
+    return ms
+
+
 def ms_name(group_id: str) -> str:
     """A file-system and CASA friendly MS name (no colons)."""
     return group_id.replace(":", "-") + ".ms"

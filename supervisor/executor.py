@@ -395,28 +395,19 @@ class StageExecutor:
                 }
                 if following is None:
                     fields["completed_at"] = now
-                    transition(
-                        s,
-                        group,
-                        State.COMPLETED,
-                        now=now,
-                        actor=self.leases.actor,
-                        fencing_token=claim.fencing_token,
-                        set_fields=fields,
-                        message=f"{claim.stage} committed; group complete",
-                    )
                 else:
                     fields["stage"] = following.value
-                    transition(
-                        s,
-                        group,
-                        State.PENDING,
-                        now=now,
-                        actor=self.leases.actor,
-                        fencing_token=claim.fencing_token,
-                        set_fields=fields,
-                        message=f"{claim.stage} committed",
-                    )
+                transition(
+                    s,
+                    group,
+                    State.COMPLETED if following is None else State.PENDING,
+                    now=now,
+                    actor=self.leases.actor,
+                    fencing_token=claim.fencing_token,
+                    set_fields=fields,
+                    message=f"{claim.stage} committed"
+                    + ("; group complete" if following is None else ""),
+                )
                 s.flush()
             except BaseException:
                 published.undo()

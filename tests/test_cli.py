@@ -111,3 +111,10 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
     out = run("--workspace", str(tmp_path), *args, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.startswith("error:")
+
+
+def test_demo_refuses_a_workspace_that_is_not_a_demo_workspace(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("do not delete")
+    out = run("--workspace", str(tmp_path), "demo")
+    assert out.returncode == 2 and "not a demo workspace" in out.stderr
+    assert (tmp_path / "precious.txt").read_text() == "do not delete"

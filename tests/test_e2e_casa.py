@@ -264,3 +264,35 @@ def test_no_staging_left_and_casa_logs_are_in_attempt_directories(night: Night) 
             select(func.count()).select_from(StageAttempt).where(StageAttempt.outcome == "running")
         )
     assert running == 0
+
+
+def test_demo_summary_has_what_an_operator_needs(night: Night) -> None:
+    from supervisor.demo import render_table, summarise
+
+    summary = summarise(night.db)
+    rows = {g["group_id"]: g for g in summary["groups"]}
+    cal, target = rows[night.ids[CAL]], rows[night.ids[TARGET]]
+    for row in (cal, target):
+        assert {
+            "group_id",
+            "state",
+            "calibration_tier",
+            "rms_over_theory",
+            "calibrator_flux_ratio",
+            "fits",
+            "png",
+            "stage_seconds",
+        } <= set(row)
+        assert Path(row["fits"]).exists() and Path(row["png"]).exists()
+        assert set(row["stage_seconds"]) == {
+            "preflight",
+            "convert",
+            "calibrate",
+            "image",
+            "register",
+        }
+    assert (cal["calibration_tier"], target["calibration_tier"]) == ("self", "valid_window")
+    assert abs(cal["calibrator_flux_ratio"] - 1) < 0.02 and target["calibrator_flux_ratio"] is None
+    assert rows[night.ids[FLAGGED]]["reason"].startswith("convert failed its quality gate")
+    text = render_table({**summary, "workspace": "W", "wall_s": 1.0, "simulate_s": 0.5})
+    assert night.ids[TARGET] in text and "valid_window" in text
