@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -77,10 +79,15 @@ class Night:
 
 
 @pytest.fixture(scope="module")
-def night(tmp_path_factory: pytest.TempPathFactory) -> Night:
+def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
     ws = tmp_path_factory.mktemp("e2e")
     cwd_before = set(os.listdir("."))
-    cfg = load_config(workspace=ws, environ={})
+    tmpfs = Path("/dev/shm") if Path("/dev/shm").is_dir() else ws
+    # Production-like: conversion staged in tmpfs when preflight finds room for it.
+    cfg = load_config(
+        workspace=ws,
+        environ={"CONTIMG_PATHS__TMPFS_STAGING": str(tmpfs / f"contimg-e2e-{os.getpid()}")},
+    )
     faults = tuple(Fault("flagged", FLAGGED, sb) for sb in range(16)) + (Fault("drop", MISSING, 7),)
     truths = simulate(
         ws / "incoming",
@@ -105,7 +112,9 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Night:
     Ingestor(cfg, db, clock=lambda: later).run_once()
     assert corrupted, "the corrupt-MS group never reached convert"
     assert set(os.listdir(".")) == cwd_before, "CASA must not write into the current directory"
-    return Night(cfg, db, ids, ws / "incoming" / "truth")
+    yield Night(cfg, db, ids, ws / "incoming" / "truth")
+    shutil.rmtree(cfg.path("tmpfs_staging"), ignore_errors=True)
+    db.dispose()
 
 
 def _corrupt_after_convert(db: Database, group_id: str) -> bool:
@@ -203,6 +212,9 @@ def test_measurement_set_is_what_casa_needs(night: Night) -> None:
     ms = night.artifact(TARGET, "ms")
     convert = night.metrics(TARGET, "convert")
     assert (convert["n_spw"], convert["n_chan"], convert["flagged_fraction"]) == (1, 64, 0.0)
+    assert convert["staged_in"] == night.metrics(TARGET, "preflight")["staging"]
+    tmpfs = night.cfg.path("tmpfs_staging")
+    assert not tmpfs.exists() or not any(tmpfs.iterdir()), "tmpfs staging left behind"
     with table(str(ms / "SPECTRAL_WINDOW"), ack=False) as spw:
         freqs = spw.getcell("CHAN_FREQ", 0)
     assert (freqs[1:] > freqs[:-1]).all() and 1.311e9 < freqs[0] < freqs[-1] < 1.499e9
