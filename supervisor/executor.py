@@ -32,6 +32,7 @@ from supervisor.errors import Failure
 from supervisor.leases import Claim, Leases
 from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt, SubbandFile
 from supervisor.policy import Action, Classifier, Decision, Evidence, decide
+from supervisor.postconditions import check_artifacts_by_kind
 from supervisor.runner import (
     RunOutcome,
     WorkerStarted,
@@ -42,11 +43,6 @@ from supervisor.runner import (
 from supervisor.states import Stage, StaleTransition, State, next_stage, transition
 
 log = structlog.get_logger(__name__)
-
-# Stage-specific post-conditions: (result, output_dir) -> problems. Filled by the stages
-# that need more than "every declared artifact exists and is not empty".
-PostCondition = Callable[[dict[str, Any], Path], list[str]]
-POSTCONDITIONS: dict[str, PostCondition] = {}
 
 
 @dataclass(frozen=True)
@@ -139,7 +135,7 @@ class StageExecutor:
             return self._conclude(claim, attempt_id, paths, outcome, bound)
         finally:
             shutil.rmtree(paths.output_dir, ignore_errors=True)  # rollback (no-op if published)
-            _remove_empty_parents(paths.output_dir.parent)
+            _remove_if_empty(paths.output_dir.parent)
 
     # Pieces --------------------------------------------------------------------------
     def _request(
@@ -200,8 +196,8 @@ class StageExecutor:
                 "final_dir": str(paths.final_dir),
                 "result_path": str(paths.result),
                 "casa_log": str(paths.casa_log),
-                "telescope": _asdict(self.cfg.telescope),
-                "calibration": _asdict(self.cfg.calibration),
+                "telescope": dataclasses.asdict(self.cfg.telescope),
+                "calibration": dataclasses.asdict(self.cfg.calibration),
             }
 
     def _wait_for_calibration(self, claim: Claim, bound: Any) -> str:
@@ -328,8 +324,8 @@ class StageExecutor:
                 **common,
             )
         problems = check_artifacts(result, paths.output_dir)
-        if not problems and claim.stage in POSTCONDITIONS:
-            problems = POSTCONDITIONS[claim.stage](result, paths.output_dir)
+        if not problems:
+            problems = check_artifacts_by_kind(result, paths.output_dir)
         if problems:
             return Evidence(
                 outcome="postcondition", message="; ".join(problems), log_lines=log_lines, **common
@@ -675,12 +671,6 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _remove_empty_parents(directory: Path) -> None:
+def _remove_if_empty(directory: Path) -> None:
     with contextlib.suppress(OSError):
         directory.rmdir()
-
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)

@@ -317,3 +317,27 @@ def test_restart_kills_the_worker_a_dead_daemon_left_running(pipeline) -> None: 
     convert = [(a.attempt, a.outcome) for a in attempts(db) if a.stage == "convert"]
     assert convert == [(1, "abandoned"), (2, "succeeded")]
     assert_clean(cfg)
+
+
+def test_an_artifact_declared_as_a_measurement_set_must_be_one(pipeline) -> None:  # noqa: ANN001
+    """The supervisor checks artifacts by kind itself: a worker's word is not enough."""
+    from supervisor.postconditions import check_artifacts_by_kind
+
+    cfg, _db = pipeline()
+    out = Path(cfg.workspace) / "fake-out"
+    (out / "x.ms").mkdir(parents=True)
+    (out / "x.ms" / "table.dat").write_bytes(b"\0" * 64)
+    (out / "img.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 100)
+    problems = check_artifacts_by_kind(
+        {
+            "artifacts": [
+                {"path": "x.ms", "kind": "ms"},
+                {"path": "img.fits", "kind": "image_fits"},
+                {"path": "other", "kind": "notes"},
+            ]
+        },
+        out,
+    )
+    assert len(problems) == 2
+    assert "does not open as a Measurement Set" in problems[0]
+    assert "img.fits" in problems[1]
