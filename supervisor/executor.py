@@ -108,12 +108,14 @@ class StageExecutor:
         request = self._request(claim, tier.name, dict(tier.params), paths)
         if request is None:
             return self._wait_for_calibration(claim, bound)
+        # The attempt row first: another node's start-up cleanup deletes staging areas
+        # that no running attempt owns, and must not catch this one in between.
+        attempt_id = self._record_attempt_start(claim, tier.name, paths)
         for stale in (paths.workdir, paths.output_dir):
             shutil.rmtree(stale, ignore_errors=True)  # a token is never reused; be safe
         paths.workdir.mkdir(parents=True)
         paths.output_dir.mkdir(parents=True)
         paths.request.write_text(json.dumps(request, indent=1, default=str))
-        attempt_id = self._record_attempt_start(claim, tier.name, paths)
         site = write_site_config(paths.workdir, paths.casa_log)
         python = self.cfg.casa.python or sys.executable
         bound.info("stage.started", tier=tier.name, workdir=str(paths.workdir))

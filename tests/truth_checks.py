@@ -75,7 +75,13 @@ def measure_sources(fits_path: Path, truth_json: Path, dish_m: float = 4.65) -> 
     with fits.open(fits_path) as hdul:
         header = hdul[0].header
         data = np.squeeze(hdul[0].data).astype(float)
-    wcs = WCS(header).celestial
+    import warnings
+
+    from astropy.wcs import FITSFixedWarning
+
+    with warnings.catch_warnings():  # CASA's FITS headers get harmless MJD/OBSGEO fix-ups
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(header).celestial
     reffreq = float(header["CRVAL3"] if "FREQ" in str(header.get("CTYPE3")) else header["CRVAL4"])
     pix_deg = abs(header["CDELT1"])
     sig_maj = header["BMAJ"] / pix_deg / (2 * math.sqrt(2 * math.log(2)))
