@@ -49,15 +49,7 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
     tables = {"G0": out / "G0.pcal", "B": out / "B.bcal", "G": out / "G.gcal"}
     timings: dict[str, float] = {}
     t = time.monotonic()
-    ct.flagdata(vis=str(ms), mode="manual", autocorr=True, flagbackup=False)
-    facts = inspect_ms(ms)
-    if facts["flagged_fraction"] >= 0.999:
-        raise StageFailure(
-            "validation",
-            "all_flagged",
-            f"{ms}: every cross-correlation is flagged; nothing to solve on",
-            "the group holds no usable data; quarantined",
-        )
+    facts = _flag_autocorrelations(ms)
     refant = str(params.get("refant") or _central_antenna(facts))
     # Model: a component list of the catalogue sources in the field (calibrator first).
     cl_path = out / "model.cl"
@@ -175,7 +167,6 @@ def _solve_tables(
 
 
 def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    import casatasks as ct
 
     out = Path(request["output_dir"])
     tables = plan["tables"]
@@ -187,15 +178,7 @@ def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict
                 f"registered table {tab['path']} is missing",
                 "the calibration set is damaged; another set is tried",
             )
-    ct.flagdata(vis=str(ms), mode="manual", autocorr=True, flagbackup=False)
-    facts = inspect_ms(ms)
-    if facts["flagged_fraction"] >= 0.999:
-        raise StageFailure(
-            "validation",
-            "all_flagged",
-            f"{ms}: every cross-correlation is flagged",
-            "the group holds no usable data; quarantined",
-        )
+    facts = _flag_autocorrelations(ms)
     t = time.monotonic()
     _applycal(ms, [tab["path"] for tab in tables], [tab["interp"] for tab in tables])
     _fail_if_casa_skipped_spws(
@@ -219,6 +202,23 @@ def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict
         "artifacts": [{"path": "calibration.json", "kind": "calibration_report"}],
         "metrics": metrics,
     }
+
+
+def _flag_autocorrelations(ms: Path) -> dict[str, Any]:
+    """Flag the autocorrelations (never used to calibrate or image); return the MS facts,
+    refusing an MS with no unflagged cross-correlation left."""
+    import casatasks as ct
+
+    ct.flagdata(vis=str(ms), mode="manual", autocorr=True, flagbackup=False)
+    facts = inspect_ms(ms)
+    if facts["flagged_fraction"] >= 0.999:
+        raise StageFailure(
+            "validation",
+            "all_flagged",
+            f"{ms}: every cross-correlation is flagged; nothing to calibrate",
+            "the group holds no usable data; quarantined",
+        )
+    return facts
 
 
 def _fail_if_casa_skipped_spws(request: dict[str, Any], code: str, what: str, hint: str) -> None:

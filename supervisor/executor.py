@@ -203,29 +203,50 @@ class StageExecutor:
             }
 
     def _wait_for_calibration(self, claim: Claim, bound: Any) -> str:
+        state = self._hand_back(
+            claim,
+            None,
+            State.WAITING_CALIBRATION,
+            "no calibration tables valid for this time yet; waiting for a calibrator group",
+        )
+        bound.info("stage.waiting_calibration")
+        return state
+
+    def _hand_back(
+        self,
+        claim: Claim,
+        attempt_id: int | None,
+        to: State,
+        message: str,
+        outcome: RunOutcome | None = None,
+    ) -> str:
+        """Give the claim back without consuming an attempt of the stage's budget (waiting
+        for calibration, or stopped by shutdown): the group resumes at this stage."""
         with self.db.transaction() as s:
             try:
                 group = self._locked_group(s, claim)
             except StaleTransition:
                 return "lost"
             now = self.leases.now(s)
+            attempt = s.get(StageAttempt, attempt_id) if attempt_id is not None else None
+            if attempt is not None and outcome is not None:
+                _fill_attempt(attempt, "abandoned", outcome, None, now)
+                attempt.error_message = message
             transition(
                 s,
                 group,
-                State.WAITING_CALIBRATION,
+                to,
                 now=now,
                 actor=self.leases.actor,
                 fencing_token=claim.fencing_token,
-                message="no calibration tables valid for this time yet; waiting for "
-                "a calibrator group",
+                message=message,
                 set_fields={
                     "lease_owner": None,
                     "lease_expires_at": None,
                     "attempt": max(0, claim.attempt - 1),
                 },
             )
-        bound.info("stage.waiting_calibration")
-        return State.WAITING_CALIBRATION.value
+        return to.value
 
     def _record_attempt_start(self, claim: Claim, tier_name: str, paths: AttemptPaths) -> int:
         with self.db.transaction() as s:
@@ -531,32 +552,15 @@ class StageExecutor:
     def _release_for_shutdown(
         self, claim: Claim, attempt_id: int, outcome: RunOutcome, bound: Any
     ) -> str:
-        with self.db.transaction() as s:
-            try:
-                group = self._locked_group(s, claim)
-            except StaleTransition:
-                return "lost"
-            now = self.leases.now(s)
-            attempt = s.get(StageAttempt, attempt_id)
-            if attempt is not None:
-                _fill_attempt(attempt, "abandoned", outcome, None, now)
-                attempt.error_message = "stopped by shutdown; the group resumes at this stage"
-            transition(
-                s,
-                group,
-                State.PENDING,
-                now=now,
-                actor=self.leases.actor,
-                fencing_token=claim.fencing_token,
-                message=f"shutdown: {claim.stage} stopped, resumes here",
-                set_fields={
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "attempt": max(0, claim.attempt - 1),
-                },
-            )
+        state = self._hand_back(
+            claim,
+            attempt_id,
+            State.PENDING,
+            f"shutdown: {claim.stage} stopped, resumes here",
+            outcome,
+        )
         bound.info("stage.released_for_shutdown")
-        return State.PENDING.value
+        return state
 
     def _finish_attempt(
         self,

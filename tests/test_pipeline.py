@@ -341,3 +341,34 @@ def test_an_artifact_declared_as_a_measurement_set_must_be_one(pipeline) -> None
     assert len(problems) == 2
     assert "does not open as a Measurement Set" in problems[0]
     assert "img.fits" in problems[1]
+
+
+def test_target_waits_for_calibration_then_resumes_when_tables_register(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    from datetime import UTC, datetime
+
+    from supervisor import calibration
+    from supervisor.leases import Owner
+    from supervisor.states import Actor
+
+    cfg = fake_pipeline_config(workspace)
+    target, cal = "2025-10-05T12:35:00", "2025-10-05T12:30:00"
+    add_pending_group(sqlite_db, target, calibrator=None)
+    run_until_idle(cfg, sqlite_db)
+    g = group(sqlite_db, target)
+    assert (g.state, g.stage, g.attempt) == ("waiting_calibration", "calibrate", 0)
+    assert not any(a.stage == "calibrate" for a in attempts(sqlite_db, target))
+
+    add_pending_group(sqlite_db, cal)  # a calibrator group's tables get registered
+    with sqlite_db.transaction() as s:
+        cal_set = calibration.register_solution(
+            s, s.get(Group, cal), {}, {"mode": "solve"}, cfg, datetime.now(UTC)
+        )
+        released = calibration.release_waiting(
+            s, cal_set, datetime.now(UTC), Actor(str(Owner.this_process()))
+        )
+    assert released == [target]
+    run_until_idle(cfg, sqlite_db)
+    assert group(sqlite_db, target).state == State.COMPLETED
+    assert_clean(cfg)
