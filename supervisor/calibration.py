@@ -175,11 +175,10 @@ def register_solution(
 
 def release_waiting(s: Session, cal_set: CalibrationSet, now: datetime, actor: Actor) -> list[str]:
     """Groups waiting for calibration that ``cal_set`` can serve go back to pending."""
-    reach = timedelta(hours=0)
     released = []
     for group in s.scalars(select(Group).where(Group.state == State.WAITING_CALIBRATION.value)):
         when = group_mid_time(group)
-        if cal_set.valid_from - reach <= when <= cal_set.valid_until + reach:
+        if cal_set.valid_from <= when <= cal_set.valid_until:
             transition(
                 s,
                 group,

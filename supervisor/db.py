@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -68,11 +68,6 @@ class Database:
         """One short transaction: commit on success, roll back on any exception."""
         with self._sessions() as session, session.begin():
             yield session
-
-    def probe(self) -> None:
-        """Check the database answers and is writable (raises on failure)."""
-        with self.engine.begin() as conn:
-            conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
         self.engine.dispose()

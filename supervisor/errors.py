@@ -50,14 +50,6 @@ class Failure:
         }
 
 
-class SupervisorError(Exception):
-    """An exception that carries a :class:`Failure`, for code paths that must unwind."""
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(str(failure))
-        self.failure = failure
-
-
 class ConfigError(Exception):
     """The configuration is invalid; ``problems`` lists every message, each naming its key."""
 

@@ -24,15 +24,7 @@ PRODUCT_KINDS = ("ms", "image_fits", "image_png")
 
 def calibration_used(s: Session, group: Group) -> tuple[str | None, int | None]:
     """(tier, calibration set id) of the group's committed calibrate attempt."""
-    attempt = s.scalars(
-        select(StageAttempt)
-        .where(
-            StageAttempt.group_id == group.group_id,
-            StageAttempt.stage == "calibrate",
-            StageAttempt.outcome == "succeeded",
-        )
-        .order_by(StageAttempt.id.desc())
-    ).first()
+    attempt = _committed_attempt(s, group.group_id, "calibrate")
     if attempt is None:
         return None, None
     metrics = (attempt.result or {}).get("metrics", {})
@@ -91,8 +83,9 @@ def register_products(s: Session, group: Group, now: datetime) -> list[Product]:
     return products
 
 
-def _stage_metrics(s: Session, group_id: str, stage: str) -> dict[str, Any]:
-    attempt = s.scalars(
+def _committed_attempt(s: Session, group_id: str, stage: str) -> StageAttempt | None:
+    """The newest succeeded attempt of ``stage`` for the group (the one that committed)."""
+    return s.scalars(
         select(StageAttempt)
         .where(
             StageAttempt.group_id == group_id,
@@ -101,4 +94,8 @@ def _stage_metrics(s: Session, group_id: str, stage: str) -> dict[str, Any]:
         )
         .order_by(StageAttempt.id.desc())
     ).first()
+
+
+def _stage_metrics(s: Session, group_id: str, stage: str) -> dict[str, Any]:
+    attempt = _committed_attempt(s, group_id, stage)
     return dict((attempt.result or {}).get("metrics", {})) if attempt else {}

@@ -155,8 +155,6 @@ FAST = {
 def fake_pipeline_config(workspace: Path, settings: dict | None = None, **stages: dict) -> Config:
     """A config whose five stages run ``tests.fake_stage``; ``stages`` overrides per stage,
     e.g. ``convert={"tiers": [{"name": "primary", "params": {"behaviour": "raise"}}]}``."""
-    import tomllib  # noqa: F401 - the file below is TOML; built by hand to stay readable
-
     lines = []
     merged = {section: dict(values) for section, values in FAST.items()}
     for section, values in (settings or {}).items():
