@@ -23,6 +23,8 @@ from stages.common import committed_ms, inspect_ms
 from stages.protocol import StageFailure, casa_log_lines, run
 
 UNSOLVED_RE = re.compile(r"could not be (solved|corrected)")
+PB_FWHM_FACTOR = 1.03  # Airy main lobe: FWHM = 1.03 lambda / D
+C_M_S = 299_792_458.0
 
 
 def stage(request: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +44,6 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
 
 def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str, Any]:
     import casatasks as ct
-    from casatools import componentlist
 
     params = request["tier"]["params"]
     out = Path(request["output_dir"])
@@ -51,21 +52,12 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
     t = time.monotonic()
     facts = _flag_autocorrelations(ms)
     refant = str(params.get("refant") or _central_antenna(facts))
-    # Model: a component list of the catalogue sources in the field (calibrator first).
+    minsnr = float(params.get("minsnr", 5.0))
+    _refuse_faint_calibrator(request, plan, facts, minsnr)
+    # Model: the catalogue sources in the field (calibrator first), each where it really is
+    # and as bright as the primary beam lets it appear at each frequency.
     cl_path = out / "model.cl"
-    cl = componentlist()
-    for src in plan["model"]:
-        cl.addcomponent(
-            dir=f"J2000 {src['ra_deg']}deg {src['dec_deg']}deg",
-            flux=src["apparent_flux_jy_1p4ghz"],
-            fluxunit="Jy",
-            freq="1.4GHz",
-            shape="point",
-            spectrumtype="spectral index",
-            index=src["spectral_index"],
-        )
-    cl.rename(str(cl_path))
-    cl.close()
+    write_model(cl_path, plan["model"], facts, float(request["telescope"]["dish_diameter_m"]))
     ct.ft(vis=str(ms), complist=str(cl_path), usescratch=True)
     timings["model_s"] = time.monotonic() - t
     # G0 on the central channels only: over the whole band, per-antenna delays decorrelate
@@ -73,18 +65,9 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
     nchan = facts["n_chan"]
     half = max(1, nchan // 16)
     g0_spw = f"0:{nchan // 2 - half}~{nchan // 2 + half - 1}" if facts["n_spw"] == 1 else ""
-    minsnr = float(params.get("minsnr", 5.0))
     t = time.monotonic()
     stats = _solve_tables(ms, tables, refant, g0_spw, minsnr, params)
     timings["solve_s"] = time.monotonic() - t
-    for kind, path in tables.items():
-        if not path.exists():
-            raise StageFailure(
-                "recoverable",
-                "no_solutions",
-                f"{kind} table {path.name} was not written (no usable data?)",
-                "try the next tier (relaxed SNR / another reference antenna)",
-            )
     quality = {kind: _table_quality(path) for kind, path in tables.items()}
     _fail_if_casa_skipped_spws(
         request,
@@ -98,7 +81,11 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
     corrected = _corrected_check(ms)
     metrics = {
         "mode": "solve",
+        "calibration_tier": plan.get("tier"),
+        "calibration_skipped": plan.get("skipped", []),
         "calibrator": plan.get("calibrator"),
+        "calibrator_offset_deg": plan["model"][0].get("offset_deg"),
+        "calibrator_pb_gain_1p4ghz": plan["model"][0].get("pb_gain_1p4ghz"),
         "refant": refant,
         "flagged_fraction_before_apply": facts["flagged_fraction"],
         "solution_flag_fraction": {k: q["flag_fraction"] for k, q in quality.items()},
@@ -106,7 +93,7 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
         "gain_snr_median": quality["G"]["snr_median"],
         "gain_amp_min": quality["G"]["amp_min"],
         "gain_amp_max": quality["G"]["amp_max"],
-        "gain_phase_scatter_deg": quality["G"]["phase_scatter_deg"],
+        "gain_phase_scatter_deg": _finite_or_none(quality["G"]["phase_scatter_deg"]),
         "good_antenna_fraction": quality["B"]["good_antenna_fraction"],
         "solvestats_unflagged": {k: _unflagged(v) for k, v in stats.items()},
         **corrected,
@@ -129,7 +116,9 @@ def _solve_tables(
     minsnr: float,
     params: dict[str, Any],
 ) -> dict[str, Any]:
-    """G0 (phase, per integration, central channels) -> bandpass -> amplitude+phase gains."""
+    """G0 (phase, per integration, central channels) -> bandpass -> amplitude+phase gains.
+    Each step's table is checked as soon as it is written, before the next step uses it:
+    CASA reports many failures only as log lines and leaves no table behind."""
     import casatasks as ct
 
     for path in tables.values():
@@ -144,6 +133,7 @@ def _solve_tables(
         minsnr=3.0,
         spw=g0_spw,
     )
+    check_solutions("gaincal (G0, phase)", tables["G0"])
     stats["B"] = ct.bandpass(
         vis=str(ms),
         caltable=str(tables["B"]),
@@ -154,6 +144,7 @@ def _solve_tables(
         minsnr=minsnr,
         solnorm=False,
     )
+    check_solutions("bandpass (B)", tables["B"])
     stats["G"] = ct.gaincal(
         vis=str(ms),
         caltable=str(tables["G"]),
@@ -163,7 +154,96 @@ def _solve_tables(
         gaintable=[str(tables["B"])],
         minsnr=3.0,
     )
+    check_solutions("gaincal (G, amplitude+phase)", tables["G"])
     return stats
+
+
+def check_solutions(step: str, path: Path) -> None:
+    """The table ``step`` should have written exists, has rows, and not every solution is
+    flagged; else a recoverable failure naming the step (the next calibration tier)."""
+    from casacore.tables import table
+
+    hint = "the solve produced no usable solutions; the next calibration tier is tried"
+    if not (path / "table.dat").exists():
+        raise StageFailure(
+            "recoverable",
+            "no_solutions",
+            f"{step} wrote no table {path.name} (no usable data or too faint a model?)",
+            hint,
+        )
+    with table(str(path), readonly=True, ack=False) as t:
+        rows = t.nrows()
+        flagged = float(t.getcol("FLAG").mean()) if rows else 1.0
+    if rows == 0 or flagged >= 1.0:
+        what = "has no rows" if rows == 0 else f"has all {rows} solution rows flagged"
+        raise StageFailure("recoverable", "no_solutions", f"{step}: {path.name} {what}", hint)
+
+
+def apparent_spectrum(src: dict[str, Any], freqs_hz: np.ndarray, dish_m: float) -> np.ndarray:
+    """Flux density (Jy) of catalogue source ``src`` as the array sees it at ``freqs_hz``:
+    S0 (nu / 1.4 GHz)^alpha times the Gaussian primary beam at its offset, whose width
+    scales as 1/nu (so an off-centre source looks steeper than it is)."""
+    fwhm_deg = np.degrees(PB_FWHM_FACTOR * C_M_S / freqs_hz / dish_m)
+    beam = np.exp(-4.0 * math.log(2.0) * (float(src.get("offset_deg", 0.0)) / fwhm_deg) ** 2)
+    intrinsic = float(src["flux_jy_1p4ghz"]) * (freqs_hz / 1.4e9) ** float(src["spectral_index"])
+    return intrinsic * beam
+
+
+def write_model(
+    cl_path: Path, model: list[dict[str, Any]], facts: dict[str, Any], dish_m: float
+) -> None:
+    """A CASA component list of ``model``: point sources at their J2000 positions with a
+    tabular spectrum (catalogue spectrum x primary beam) sampled across the MS's band."""
+    from casatools import componentlist
+
+    lo, hi = facts["freq_min_hz"], facts["freq_max_hz"]
+    freqs = np.linspace(lo - 1e6, hi + 1e6, 33)
+    cl = componentlist()
+    for i, src in enumerate(model):
+        spectrum = apparent_spectrum(src, freqs, dish_m)
+        cl.addcomponent(
+            dir=f"J2000 {src['ra_deg']}deg {src['dec_deg']}deg",
+            flux=float(np.interp(1.4e9, freqs, spectrum)),
+            fluxunit="Jy",
+            freq="1.4GHz",
+            shape="point",
+        )
+        # LSRK: CASA cannot convert TOPO without a position and epoch; the difference
+        # (~1e-4 in frequency) is immaterial for a smooth spectrum.
+        cl.setspectrum(
+            which=i,
+            type="tabular",
+            tabularfreqs=freqs.tolist(),
+            tabularflux=spectrum.tolist(),
+            tabularframe="LSRK",
+        )
+    cl.rename(str(cl_path))
+    cl.close()
+
+
+def _refuse_faint_calibrator(
+    request: dict[str, Any], plan: dict[str, Any], facts: dict[str, Any], minsnr: float
+) -> None:
+    """Do not solve on a calibrator the data cannot see: the predicted per-channel,
+    per-antenna bandpass SNR of its apparent flux must reach ``minsnr``."""
+    src = plan["model"][0]
+    dish = float(request["telescope"]["dish_diameter_m"])
+    centre = np.array([0.5 * (facts["freq_min_hz"] + facts["freq_max_hz"])])
+    apparent = float(apparent_spectrum(src, centre, dish)[0])
+    n_ant = len(facts["antennas"])
+    width = (facts["freq_max_hz"] - facts["freq_min_hz"]) / max(1, facts["n_chan"] - 1)
+    duration = float(request.get("obs_duration_s") or 309.0)
+    sefd = float(request["telescope"]["sefd_jy"])
+    sigma_ant = sefd / math.sqrt(2.0 * width * duration) / math.sqrt(max(1, n_ant - 1))
+    snr = apparent / sigma_ant
+    if snr < minsnr:
+        raise StageFailure(
+            "recoverable",
+            "calibrator_too_faint",
+            f"{src['name']} appears at {apparent:.3g} Jy ({src.get('offset_deg', 0):.2f} deg "
+            f"from the pointing centre): predicted bandpass SNR {snr:.1f} < {minsnr:g}",
+            "the calibrator is too far out in the primary beam; the next tier is tried",
+        )
 
 
 def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +406,11 @@ def _phase_scatter(gains: np.ndarray, good: np.ndarray, ants: np.ndarray) -> flo
                 r = min(abs(unit.mean()), 1.0)
                 scatters.append(np.degrees(np.sqrt(-2 * np.log(max(r, 1e-12)))))
     return float(np.median(scatters)) if scatters else math.nan
+
+
+def _finite_or_none(value: float) -> float | None:
+    """Strict JSON has no NaN: report a missing number as null."""
+    return value if math.isfinite(value) else None
 
 
 def _unflagged(stats: Any) -> Any:

@@ -1,16 +1,28 @@
-"""The calibration registry: which tables a group's calibrate stage uses (or whether it solves
-its own), registering solved tables with a validity window, and releasing groups that were
-waiting for them.
+"""The calibration registry and the calibration fallback chain: which tables a group's
+calibrate stage uses (or which calibrator it solves on), registering solved tables with a
+validity window, and releasing groups that were waiting for them.
 
-Fallback chain for a target group: the newest valid set whose window covers the observation
-("valid_window") → the newest set solved within ``fallback_hours`` ("last_known_good") →
-wait for a calibrator (``waiting_calibration``) → after ``max_wait_hours``, quarantine.
-Every product records which tier chose its tables.
+The chain is the calibrate stage's tier list (``[stages.calibrate] tiers``); each tier names
+a ``source``:
+
+- ``self``: a calibrator group solves on the calibrator that transits in it (see
+  :func:`supervisor.calibrators.choose_calibrator`);
+- ``valid_window``: the newest registered set whose validity window covers the group;
+- ``last_known_good``: the newest set solved within ``fallback_hours``;
+- ``field_calibrator``: solve on another catalogue calibrator in the primary beam, placed
+  where it really is (offset and beam attenuation), when one is bright enough;
+- ``auto`` (no source given): ``self`` for calibrator groups, else the registry tiers.
+
+A tier that cannot apply (a target group has no calibrator of its own; no set covers the
+time) is skipped with its reason; a tier that fails (gate, error) moves to the next one.
+When every tier is spent the group waits for a new set (``waiting_calibration``), and is
+quarantined after ``max_wait_hours`` with the list of what was tried and why each failed.
+Every product records the tier that calibrated it.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,31 +35,40 @@ from sqlalchemy.orm import Session
 from supervisor.calibrators import (
     Calibrator,
     angular_separation_deg,
+    calibrators_in_beam,
     load_catalogue,
     lst_deg,
+    primary_beam_gain,
 )
-from supervisor.config import Config
+from supervisor.config import Config, StageTier
 from supervisor.errors import Category, Failure
-from supervisor.models import CalibrationSet, CalibrationTable, Group
+from supervisor.models import CalibrationSet, CalibrationTable, Group, StageAttempt
 from supervisor.simulate import INTEGRATION_S
 from supervisor.states import Actor, State, transition
 
 log = structlog.get_logger(__name__)
 
 APPLY_INTERP = {"B": "nearest", "G": "linear"}  # G0 is only a solve intermediate
-PB_FWHM_FACTOR = 1.03
+REGISTRY_SOURCES = ("valid_window", "last_known_good")
+SOLVE_SOURCES = ("self", "field_calibrator")
 
 
 @dataclass(frozen=True)
 class CalibrationPlan:
-    """What the calibrate worker is asked to do (sent in its request)."""
+    """What the calibrate worker is asked to do (sent in its request).
 
-    mode: str  # solve / apply
-    tier: str  # self / valid_window / last_known_good
+    mode: solve / apply; tier: the chain source that chose this plan (self, valid_window,
+    last_known_good, field_calibrator); model: for solves, the sources to put in MODEL_DATA
+    (J2000 position, catalogue flux at 1.4 GHz, spectral index, offset from the pointing
+    centre at mid-group, apparent flux after the 1.4 GHz primary beam)."""
+
+    mode: str
+    tier: str
     calibrator: str | None
     set_id: int | None = None
     tables: tuple[dict[str, str], ...] = ()
     model: tuple[dict[str, Any], ...] = ()
+    skipped: tuple[dict[str, str], ...] = ()  # earlier tiers that could not apply, and why
 
     def as_request(self) -> dict[str, Any]:
         return {
@@ -57,11 +78,28 @@ class CalibrationPlan:
             "set_id": self.set_id,
             "tables": list(self.tables),
             "model": list(self.model),
+            "skipped": list(self.skipped),
         }
 
 
-def group_mid_time(group: Group, n_times: int = 24) -> datetime:
-    return group.obs_start + timedelta(seconds=0.5 * n_times * INTEGRATION_S)
+@dataclass(frozen=True)
+class Unavailable:
+    """A tier of the chain that cannot apply to this group, and why."""
+
+    tier: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"tier": self.tier, "reason": self.reason}
+
+
+def tier_source(tier: StageTier) -> str:
+    return str(tier.params.get("source", "auto"))
+
+
+def group_mid_time(group: Group) -> datetime:
+    duration = group.obs_duration_s or 24 * INTEGRATION_S
+    return group.obs_start + timedelta(seconds=0.5 * duration)
 
 
 def catalogue_source(cfg: Config, name: str | None) -> Calibrator | None:
@@ -73,65 +111,163 @@ def catalogue_source(cfg: Config, name: str | None) -> Calibrator | None:
     return None
 
 
-def primary_beam_gain(offset_deg: float, freq_hz: float, dish_m: float) -> float:
-    """Gaussian approximation of the Airy main lobe, FWHM = 1.03 lambda / D."""
-    fwhm_deg = math.degrees(PB_FWHM_FACTOR * 299_792_458.0 / freq_hz / dish_m)
-    return math.exp(-4.0 * math.log(2.0) * (offset_deg / fwhm_deg) ** 2)
-
-
-def plan_for(s: Session, group: Group, cfg: Config) -> CalibrationPlan | None:
-    """The calibration plan for ``group``, or None when it must wait for a calibrator."""
-    if group.is_calibrator and group.calibrator_name:
-        cal = catalogue_source(cfg, group.calibrator_name)
-        if cal is not None:
-            mid = group_mid_time(group)
-            centre_ra = lst_deg(mid, cfg.telescope.longitude_deg)
-            dec = group.pointing_dec_deg if group.pointing_dec_deg is not None else cal.dec_deg
-            offset = angular_separation_deg(cal.ra_deg, cal.dec_deg, centre_ra, dec)
-            gain = primary_beam_gain(offset, 1.4e9, cfg.telescope.dish_diameter_m)
-            model = (
-                {
-                    "name": cal.name,
-                    "ra_deg": cal.ra_deg,
-                    "dec_deg": cal.dec_deg,
-                    "flux_jy_1p4ghz": cal.flux_jy_1p4ghz,
-                    "apparent_flux_jy_1p4ghz": cal.flux_jy_1p4ghz * gain,
-                    "spectral_index": cal.spectral_index,
-                    "offset_deg": offset,
-                },
-            )
-            return CalibrationPlan("solve", "self", cal.name, model=model)
-    when = group_mid_time(group)
-    valid = s.scalars(
-        select(CalibrationSet)
-        .where(
-            CalibrationSet.status == "valid",
-            CalibrationSet.valid_from <= when,
-            CalibrationSet.valid_until >= when,
+def plan_for(
+    s: Session, group: Group, cfg: Config, source: str = "auto"
+) -> CalibrationPlan | Unavailable:
+    """The plan tier ``source`` gives ``group``, or why it cannot apply."""
+    if source == "auto":
+        if group.is_calibrator and group.calibrator_name:
+            return plan_for(s, group, cfg, "self")
+        first = plan_for(s, group, cfg, "valid_window")
+        return (
+            first
+            if isinstance(first, CalibrationPlan)
+            else plan_for(s, group, cfg, "last_known_good")
         )
-        .order_by(CalibrationSet.solved_at.desc())
-    ).first()
-    tier = "valid_window"
-    if valid is None:
-        reach = timedelta(hours=cfg.calibration.fallback_hours)
-        valid = s.scalars(
-            select(CalibrationSet)
-            .where(
-                CalibrationSet.status == "valid",
-                CalibrationSet.solved_at >= when - reach,
-                CalibrationSet.solved_at <= when + reach,
+    if source == "self":
+        cal = catalogue_source(cfg, group.calibrator_name) if group.is_calibrator else None
+        if cal is None:
+            return Unavailable("self", "not a calibrator group: no calibrator transits in it")
+        return _solve_plan(group, cfg, cal, "self")
+    if source in REGISTRY_SOURCES:
+        found = _registered_set(s, group, cfg, source)
+        if found is None:
+            when = group_mid_time(group).isoformat(timespec="seconds")
+            reach = (
+                f"+- {cfg.calibration.validity_hours:g} h validity window"
+                if source == "valid_window"
+                else f"{cfg.calibration.fallback_hours:g} h"
             )
-            .order_by(CalibrationSet.solved_at.desc())
-        ).first()
-        tier = "last_known_good"
-    if valid is None:
-        return None
-    tables = tuple(
-        {"kind": t.kind, "path": t.path, "interp": t.interp}
-        for t in sorted(valid.tables, key=lambda t: t.kind)  # B before G: bandpass first
-        if t.kind in APPLY_INTERP
+            return Unavailable(source, f"no valid calibration set within {reach} of {when}")
+        tables = tuple(
+            {"kind": t.kind, "path": t.path, "interp": t.interp}
+            for t in sorted(found.tables, key=lambda t: t.kind)  # B before G: bandpass first
+            if t.kind in APPLY_INTERP
+        )
+        return CalibrationPlan("apply", source, found.calibrator, set_id=found.id, tables=tables)
+    if source == "field_calibrator":
+        if group.pointing_dec_deg is None:
+            return Unavailable(source, "pointing declination unknown")
+        own = (group.calibrator_name,) if group.is_calibrator and group.calibrator_name else ()
+        seen = calibrators_in_beam(
+            load_catalogue(cfg.calibrator_catalogue_path),
+            when=group_mid_time(group),
+            pointing_dec_deg=group.pointing_dec_deg,
+            longitude_deg=cfg.telescope.longitude_deg,
+            dish_m=cfg.telescope.dish_diameter_m,
+            min_apparent_flux_jy=cfg.calibration.min_apparent_flux_jy,
+            exclude=own,
+        )
+        if not seen:
+            return Unavailable(
+                source,
+                f"no other catalogue calibrator in the beam with apparent flux >= "
+                f"{cfg.calibration.min_apparent_flux_jy:g} Jy",
+            )
+        cal = catalogue_source(cfg, seen[0].name)
+        assert cal is not None
+        return _solve_plan(group, cfg, cal, source)
+    raise ValueError(f"unknown calibration source {source!r}")
+
+
+def first_applicable(
+    s: Session, group: Group, cfg: Config, tiers: Sequence[StageTier], start: int
+) -> tuple[int | None, CalibrationPlan | None]:
+    """Walk the chain from tier ``start``: (index, plan) of the first tier that applies, its
+    plan recording the tiers skipped on the way; (None, None) when none applies."""
+    skipped: list[dict[str, str]] = []
+    for index in range(start, len(tiers)):
+        found = plan_for(s, group, cfg, tier_source(tiers[index]))
+        if isinstance(found, CalibrationPlan):
+            return index, CalibrationPlan(**{**found.__dict__, "skipped": tuple(skipped)})
+        skipped.append({"tier": tiers[index].name, "reason": found.reason})
+    return None, None
+
+
+def skipped_reasons(
+    s: Session, group: Group, cfg: Config, tiers: Sequence[StageTier], start: int
+) -> list[dict[str, str]]:
+    """Why each tier from ``start`` on cannot apply (for the waiting message)."""
+    out = []
+    for tier in tiers[start:]:
+        found = plan_for(s, group, cfg, tier_source(tier))
+        if isinstance(found, Unavailable):
+            out.append({"tier": tier.name, "reason": found.reason})
+    return out
+
+
+def resume_tier(tiers: Sequence[StageTier]) -> int:
+    """Where a group that waited for calibration starts again: the first registry tier
+    (its own solve already failed or never applied), else the beginning."""
+    for index, tier in enumerate(tiers):
+        if tier_source(tier) in REGISTRY_SOURCES:
+            return index
+    return 0
+
+
+def attempts_summary(
+    s: Session, group_id: str, tiers: Sequence[StageTier] = ()
+) -> list[dict[str, Any]]:
+    """What the calibrate stage tried for a group (tier name, plan source) and how each
+    try ended."""
+    rows = s.scalars(
+        select(StageAttempt)
+        .where(StageAttempt.group_id == group_id, StageAttempt.stage == "calibrate")
+        .order_by(StageAttempt.id)
     )
-    return CalibrationPlan("apply", tier, valid.calibrator, set_id=valid.id, tables=tables)
+    out = []
+    for row in rows:
+        if row.outcome == "running":
+            continue
+        source = ((row.result or {}).get("metrics") or {}).get("calibration_tier")
+        index = row.fallback_tier
+        out.append(
+            {
+                "tier": tiers[index].name if 0 <= index < len(tiers) else f"tier {index}",
+                "source": source,
+                "outcome": row.outcome,
+                "code": row.error_code,
+                "message": (row.error_message or "")[:300],
+            }
+        )
+    return out
+
+
+def _solve_plan(group: Group, cfg: Config, cal: Calibrator, tier: str) -> CalibrationPlan:
+    """Solve on ``cal`` where it really is at mid-group: its offset from the meridian
+    pointing centre and the 1.4 GHz beam gain there (the worker applies the beam's
+    frequency dependence across the band)."""
+    mid = group_mid_time(group)
+    centre_ra = lst_deg(mid, cfg.telescope.longitude_deg)
+    dec = group.pointing_dec_deg if group.pointing_dec_deg is not None else cal.dec_deg
+    offset = angular_separation_deg(cal.ra_deg, cal.dec_deg, centre_ra, dec)
+    gain = primary_beam_gain(offset, 1.4e9, cfg.telescope.dish_diameter_m)
+    model = (
+        {
+            "name": cal.name,
+            "ra_deg": cal.ra_deg,
+            "dec_deg": cal.dec_deg,
+            "flux_jy_1p4ghz": cal.flux_jy_1p4ghz,
+            "apparent_flux_jy_1p4ghz": cal.flux_jy_1p4ghz * gain,
+            "spectral_index": cal.spectral_index,
+            "offset_deg": offset,
+            "pb_gain_1p4ghz": gain,
+        },
+    )
+    return CalibrationPlan("solve", tier, cal.name, model=model)
+
+
+def _registered_set(s: Session, group: Group, cfg: Config, source: str) -> CalibrationSet | None:
+    when = group_mid_time(group)
+    query = select(CalibrationSet).where(CalibrationSet.status == "valid")
+    if source == "valid_window":
+        query = query.where(CalibrationSet.valid_from <= when, CalibrationSet.valid_until >= when)
+    else:
+        reach = timedelta(hours=cfg.calibration.fallback_hours)
+        query = query.where(
+            CalibrationSet.solved_at >= when - reach, CalibrationSet.solved_at <= when + reach
+        )
+    return s.scalars(query.order_by(CalibrationSet.solved_at.desc())).first()
 
 
 def register_solution(
@@ -174,7 +310,8 @@ def register_solution(
 
 
 def release_waiting(s: Session, cal_set: CalibrationSet, now: datetime, actor: Actor) -> list[str]:
-    """Groups waiting for calibration that ``cal_set`` can serve go back to pending."""
+    """Groups waiting for calibration that ``cal_set`` can serve go back to pending (at the
+    tier their wait left them on: the registry tiers)."""
     released = []
     for group in s.scalars(select(Group).where(Group.state == State.WAITING_CALIBRATION.value)):
         when = group_mid_time(group)
@@ -197,12 +334,21 @@ def expire_waiting(s: Session, cfg: Config, now: datetime, actor: Actor) -> list
     expired = []
     for group in s.scalars(select(Group).where(Group.state == State.WAITING_CALIBRATION.value)):
         if now - group.updated_at >= limit:
+            tried = attempts_summary(s, group.group_id, cfg.stages["calibrate"].tiers)
+            listed = "; ".join(
+                f"{t['tier']}: {t['outcome']}"
+                + (f" ({t['code']}: {t['message']})" if t["code"] else "")
+                for t in tried
+            )
             failure = Failure(
                 Category.VALIDATION,
                 "no_calibration",
-                f"no calibration tables within {cfg.calibration.fallback_hours:.0f} h of "
-                f"{group.group_id} after waiting {cfg.calibration.max_wait_hours:.1f} h",
+                f"no usable calibration for {group.group_id} after waiting "
+                f"{cfg.calibration.max_wait_hours:.1f} h (no set within "
+                f"{cfg.calibration.fallback_hours:.0f} h served it)"
+                + (f"; tried: {listed}" if listed else "; no tier could be tried"),
                 "process a calibrator group near this time, then `retry` the group",
+                details={"tried": tried},
             )
             transition(s, group, State.QUARANTINED, now=now, actor=actor, failure=failure)
             expired.append(group.group_id)

@@ -92,6 +92,9 @@ class CalibrationConfig:
     validity_hours: float = _field(12.0, min=0, exclusive_min=True)
     fallback_hours: float = _field(48.0, min=0, help="last-known-good tables reach this far")
     max_wait_hours: float = _field(6.0, min=0, help="wait for a calibrator this long at most")
+    min_apparent_flux_jy: float = _field(
+        2.0, min=0, help="a calibrator is solved on only if catalogue flux x beam gain reaches this"
+    )
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ class LoggingConfig:
 STAGE_NAMES = ("preflight", "convert", "calibrate", "image", "register")
 OUTCOME_KINDS = ("any", "error", "crash", "timeout", "invalid_result", "postcondition", "gate")
 CATEGORIES = ("retryable", "recoverable", "validation", "fatal")
+# Where a calibrate tier gets its tables (supervisor.calibration explains each).
+CALIBRATION_SOURCES = ("auto", "self", "valid_window", "last_known_good", "field_calibrator")
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,11 @@ class StageConfig:
     timeout_s: float = _field(1800.0, min=0, exclusive_min=True)
     max_attempts: int = _field(3, min=1, help="attempts per fallback tier (retry budget)")
     tiers: list[StageTier] = field(default_factory=lambda: [StageTier()])
+    when_exhausted: str = _field(
+        "quarantine",
+        choices=("quarantine", "wait_calibration"),
+        help="after the last tier failed recoverably: quarantine, or wait for new calibration",
+    )
 
 
 @dataclass(frozen=True)
@@ -436,6 +446,14 @@ def _cross_checks(cfg: Config) -> list[str]:
             out.append(f"stages.{name}.module: must name the worker module")
         elif not stage.tiers:
             out.append(f"stages.{name}.tiers: needs at least one tier")
+    calibrate = cfg.stages.get("calibrate")
+    for i, tier in enumerate(calibrate.tiers if calibrate else []):
+        source = tier.params.get("source", "auto")
+        if source not in CALIBRATION_SOURCES:
+            out.append(
+                f"stages.calibrate.tiers[{i}].params.source = {source!r}: must be one of "
+                f"{', '.join(CALIBRATION_SOURCES)}"
+            )
     if cfg.daemon.heartbeat_s * 2 > cfg.daemon.lease_s:
         out.append(
             f"daemon.heartbeat_s = {cfg.daemon.heartbeat_s}: must be at most half of "

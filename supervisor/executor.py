@@ -1,10 +1,7 @@
-"""Execute one claimed stage attempt: prepare its directories and request, run the worker,
-judge the outcome, and either publish its outputs and advance the group in one transaction,
-or roll back (remove the staging area) and apply the failure policy.
-
-Directories: ``logs/<group>/<stage>/t<token>/`` keeps the request, result, CASA log and
-worker stdout/stderr of every attempt; ``staging/<group>/<stage>-t<token>/`` receives the
-outputs, and is renamed to ``products/<group>/<stage>/`` on success or deleted on failure.
+"""Execute one claimed stage attempt: run the worker on its request (see
+:mod:`supervisor.stage_request`), judge the outcome, and either publish its outputs and
+advance the group in one transaction, or roll back (remove the staging area) and apply the
+failure policy.
 """
 
 from __future__ import annotations
@@ -25,12 +22,13 @@ import structlog
 from sqlalchemy import delete, select
 
 from supervisor import calibration, gates, registry
+from supervisor.calibration import CalibrationPlan
 from supervisor.casaenv import casa_environment, write_site_config
 from supervisor.config import Config
 from supervisor.db import Database, is_sqlite
 from supervisor.errors import Failure
 from supervisor.leases import Claim, Leases
-from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt, SubbandFile
+from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt
 from supervisor.policy import Action, Classifier, Decision, Evidence, decide
 from supervisor.postconditions import check_artifacts_by_kind
 from supervisor.runner import (
@@ -40,36 +38,10 @@ from supervisor.runner import (
     worker_command,
     worker_environment,
 )
+from supervisor.stage_request import AttemptPaths, attempt_paths, build_request
 from supervisor.states import Stage, StaleTransition, State, next_stage, transition
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class AttemptPaths:
-    workdir: Path  # request, result, logs: kept
-    output_dir: Path  # staging: published or removed
-    final_dir: Path  # where a successful output_dir goes
-
-    @property
-    def request(self) -> Path:
-        return self.workdir / "request.json"
-
-    @property
-    def result(self) -> Path:
-        return self.workdir / "result.json"
-
-    @property
-    def casa_log(self) -> Path:
-        return self.workdir / "casa.log"
-
-
-def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
-    return AttemptPaths(
-        workdir=cfg.path("logs") / claim.group_id / claim.stage / f"t{claim.fencing_token}",
-        output_dir=cfg.path("staging") / claim.group_id / f"{claim.stage}-t{claim.fencing_token}",
-        final_dir=cfg.path("products") / claim.group_id / claim.stage,
-    )
 
 
 class StageExecutor:
@@ -103,11 +75,16 @@ class StageExecutor:
             correlation_id=claim.correlation_id,
         )
         stage_cfg = self.cfg.stages[claim.stage]
+        plan = None
+        if claim.stage == Stage.CALIBRATE:
+            chosen = self._choose_calibration(claim)
+            if chosen is None:
+                return self._wait_for_calibration(claim, bound)
+            claim, plan = chosen
         tier = stage_cfg.tiers[min(claim.tier, len(stage_cfg.tiers) - 1)]
         paths = attempt_paths(self.cfg, claim)
-        request = self._request(claim, tier.name, dict(tier.params), paths)
-        if request is None:
-            return self._wait_for_calibration(claim, bound)
+        with self.db.transaction() as s:
+            request = build_request(s, self.cfg, claim, tier, paths, plan)
         # The attempt row first: another node's start-up cleanup deletes staging areas
         # that no running attempt owns, and must not catch this one in between.
         attempt_id = self._record_attempt_start(claim, tier.name, paths)
@@ -140,76 +117,36 @@ class StageExecutor:
             _remove_if_empty(paths.output_dir.parent)
 
     # Pieces --------------------------------------------------------------------------
-    def _request(
-        self, claim: Claim, tier_name: str, params: dict[str, Any], paths: AttemptPaths
-    ) -> dict[str, Any] | None:
-        """The worker's request; None when a target's calibrate stage has no tables yet."""
+    def _choose_calibration(self, claim: Claim) -> tuple[Claim, CalibrationPlan] | None:
+        """Walk the calibration chain from the claim's tier; move the group's tier to the
+        first one that applies (skipped tiers are recorded in the plan). None: no tier
+        applies now, the group must wait for a calibration set."""
+        tiers = self.cfg.stages[claim.stage].tiers
+        with self.db.transaction() as s:
+            group = self._locked_group(s, claim)
+            index, plan = calibration.first_applicable(s, group, self.cfg, tiers, claim.tier)
+            if index is None or plan is None:
+                return None
+            if index != claim.tier:
+                group.fallback_tier = index
+        return dataclasses.replace(claim, tier=index), plan
+
+    def _wait_for_calibration(self, claim: Claim, bound: Any) -> str:
+        tiers = self.cfg.stages[claim.stage].tiers
         with self.db.transaction() as s:
             group = s.get(Group, claim.group_id)
             assert group is not None
-            files = {
-                f.subband: f.path
-                for f in s.scalars(
-                    select(SubbandFile)
-                    .where(SubbandFile.group_id == claim.group_id, SubbandFile.status == "ready")
-                    .order_by(SubbandFile.subband)
-                )
-            }
-            artifacts = {
-                a.kind: a.path
-                for a in s.scalars(select(Artifact).where(Artifact.group_id == claim.group_id))
-            }
-            upstream = {
-                a.stage: (a.result or {}).get("metrics", {})
-                for a in s.scalars(
-                    select(StageAttempt)
-                    .where(
-                        StageAttempt.group_id == claim.group_id, StageAttempt.outcome == "succeeded"
-                    )
-                    .order_by(StageAttempt.id)
-                )
-            }
-            extras: dict[str, Any] = {}
-            if claim.stage == Stage.CALIBRATE:
-                plan = calibration.plan_for(s, group, self.cfg)
-                if plan is None:
-                    return None
-                extras["calibration_plan"] = plan.as_request()
-            cal = calibration.catalogue_source(self.cfg, group.calibrator_name)
-            if cal is not None and group.is_calibrator:
-                extras["calibrator_source"] = dataclasses.asdict(cal)
-            tmpfs = self.cfg.path("tmpfs_staging") if self.cfg.paths.tmpfs_staging else None
-            return {
-                **extras,
-                "upstream_metrics": upstream,
-                "tmpfs_staging": str(tmpfs) if tmpfs else None,
-                "group_id": claim.group_id,
-                "stage": claim.stage,
-                "attempt": claim.attempt,
-                "fencing_token": claim.fencing_token,
-                "correlation_id": claim.correlation_id,
-                "tier": {"index": claim.tier, "name": tier_name, "params": params},
-                "obs_start": group.obs_start.isoformat(),
-                "pointing_dec_deg": group.pointing_dec_deg,
-                "calibrator": group.calibrator_name,
-                "subband_files": {f"{sb:02d}": path for sb, path in files.items()},
-                "artifacts": artifacts,
-                "output_dir": str(paths.output_dir),
-                "final_dir": str(paths.final_dir),
-                "result_path": str(paths.result),
-                "casa_log": str(paths.casa_log),
-                "telescope": dataclasses.asdict(self.cfg.telescope),
-                "calibration": dataclasses.asdict(self.cfg.calibration),
-            }
-
-    def _wait_for_calibration(self, claim: Claim, bound: Any) -> str:
+            skipped = calibration.skipped_reasons(s, group, self.cfg, tiers, claim.tier)
+        reasons = "; ".join(f"{x['tier']}: {x['reason']}" for x in skipped)
         state = self._hand_back(
             claim,
             None,
             State.WAITING_CALIBRATION,
-            "no calibration tables valid for this time yet; waiting for a calibrator group",
+            "no calibration tier applies yet; waiting for a calibration set"
+            + (f" ({reasons})" if reasons else ""),
+            fields={"fallback_tier": calibration.resume_tier(tiers)},
         )
-        bound.info("stage.waiting_calibration")
+        bound.info("stage.waiting_calibration", skipped=skipped)
         return state
 
     def _hand_back(
@@ -219,6 +156,7 @@ class StageExecutor:
         to: State,
         message: str,
         outcome: RunOutcome | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> str:
         """Give the claim back without consuming an attempt of the stage's budget (waiting
         for calibration, or stopped by shutdown): the group resumes at this stage."""
@@ -244,6 +182,7 @@ class StageExecutor:
                     "lease_owner": None,
                     "lease_expires_at": None,
                     "attempt": max(0, claim.attempt - 1),
+                    **(fields or {}),
                 },
             )
         return to.value
@@ -482,6 +421,12 @@ class StageExecutor:
             elif decision.action == Action.NEXT_TIER:
                 to = State.PENDING
                 fields.update(fallback_tier=decision.tier, attempt=0)
+            elif decision.action == Action.WAIT_CALIBRATION:
+                to = State.WAITING_CALIBRATION
+                fields.update(
+                    fallback_tier=calibration.resume_tier(self.cfg.stages[claim.stage].tiers),
+                    attempt=0,
+                )
             elif decision.action == Action.QUARANTINE:
                 to = State.QUARANTINED
             else:
@@ -535,7 +480,8 @@ class StageExecutor:
     ) -> None:
         """Stage-specific rows that must commit with the stage: calibration sets, products."""
         metrics = result.get("metrics", {})
-        if claim.stage == Stage.CALIBRATE and metrics.get("mode") == "solve":
+        own_solve = metrics.get("calibration_tier") in (None, "self")
+        if claim.stage == Stage.CALIBRATE and metrics.get("mode") == "solve" and own_solve:
             tables = {a["kind"]: paths.final_dir / a["path"] for a in result.get("artifacts", [])}
             cal_set = calibration.register_solution(s, group, tables, metrics, self.cfg, now)
             released = calibration.release_waiting(s, cal_set, now, self.leases.actor)

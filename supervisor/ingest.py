@@ -18,12 +18,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from supervisor.calibrators import Calibrator, load_catalogue, transiting_calibrator
+from supervisor.calibrators import Calibrator, choose_calibrator, load_catalogue
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.errors import Category, Failure
@@ -57,10 +58,52 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
+class TimeAxis:
+    """A file's integrations: how many (UVH5 ``Ntimes``) and the span they cover (s), from
+    the start of the first to the end of the last (``time_array`` holds mid-points)."""
+
+    n_integrations: int
+    span_s: float
+
+
+def time_axis(header: Any) -> TimeAxis:
+    """The time axis of an open UVH5 ``Header`` group (h5py). ``time_array`` has one entry
+    per baseline-time (Nblts), so integrations are counted as unique times; ``Ntimes`` is
+    checked against them when the writer recorded it. Raises ValueError on non-finite or
+    inconsistent values."""
+    import numpy as np
+
+    times = np.asarray(header["time_array"][()], dtype=float)
+    if not np.isfinite(times).all():
+        raise ValueError("Header/time_array holds non-finite values")
+    unique = np.unique(times)
+    n = len(unique)
+    if "Ntimes" in header:
+        declared = int(header["Ntimes"][()])
+        if declared != n:
+            raise ValueError(f"Header/Ntimes = {declared} but time_array has {n} unique times")
+    integration_s = INTEGRATION_S
+    if "integration_time" in header:
+        inttime = np.asarray(header["integration_time"][()], dtype=float)
+        if inttime.size and np.isfinite(inttime).all() and (inttime > 0).all():
+            integration_s = float(np.median(inttime))
+    span_s = float(unique[-1] - unique[0]) * 86400.0 + integration_s
+    return TimeAxis(n_integrations=n, span_s=span_s)
+
+
+def read_time_axis(path: str) -> TimeAxis:
+    """Open ``path`` read-only and return its :class:`TimeAxis`."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        return time_axis(fh["Header"])
+
+
+@dataclass(frozen=True, slots=True)
 class Inspection:
     """The outcome of opening a stable file as UVH5."""
 
-    ntimes: int | None = None
+    axis: TimeAxis | None = None
     pointing_dec_deg: float | None = None
     failure: Failure | None = None
 
@@ -132,8 +175,7 @@ def inspect_uvh5(path: str) -> Inspection:
                         path,
                     )
                 )
-            ntimes = int(header["time_array"].shape[0])
-            if ntimes == 0:
+            if int(header["time_array"].shape[0]) == 0:
                 return Inspection(
                     failure=_reject(
                         "empty_time_array",
@@ -148,7 +190,18 @@ def inspect_uvh5(path: str) -> Inspection:
                 import math
 
                 dec = math.degrees(float(extra["phase_center_dec"][()]))
-            return Inspection(ntimes=ntimes, pointing_dec_deg=dec)
+            try:
+                axis = time_axis(header)
+            except (ValueError, KeyError, TypeError) as exc:
+                return Inspection(
+                    failure=_reject(
+                        "bad_time_axis",
+                        f"{path}: unusable time axis: {exc}",
+                        "the writer produced inconsistent times; check the correlator",
+                        path,
+                    )
+                )
+            return Inspection(axis=axis, pointing_dec_deg=dec)
     except PermissionError as exc:
         return Inspection(
             failure=Failure(
@@ -450,7 +503,9 @@ class Ingestor:
                 row.status = FileStatus.READY.value
                 row.reason_category = row.reason_code = row.reason = None
                 row.ready_at = now
-                row.ntimes = result.ntimes
+                if result.axis is not None:
+                    row.n_integrations = result.axis.n_integrations
+                    row.time_span_s = result.axis.span_s
                 report.ready += 1
                 group = s.get(Group, row.group_id)
                 if group is not None and group.pointing_dec_deg is None:
@@ -508,20 +563,26 @@ class Ingestor:
                 )
 
     def _make_pending(self, s: Session, group: Group, now: datetime) -> None:
-        cal = None
+        duration_s = _group_duration_s(s, group)
+        choice = None
         if group.pointing_dec_deg is not None:
-            cal = transiting_calibrator(
+            choice = choose_calibrator(
                 self.catalogue,
                 start=group.obs_start,
-                duration_s=_group_duration_s(s, group),
+                duration_s=duration_s,
                 pointing_dec_deg=group.pointing_dec_deg,
                 longitude_deg=self.cfg.telescope.longitude_deg,
                 max_dec_offset_deg=self.cfg.calibration.max_dec_offset_deg,
+                dish_m=self.cfg.telescope.dish_diameter_m,
+                min_apparent_flux_jy=self.cfg.calibration.min_apparent_flux_jy,
             )
+        cal = choice.chosen if choice else None
         fields = {
             "stage": Stage.PREFLIGHT.value,
             "is_calibrator": cal is not None,
             "calibrator_name": cal.name if cal else None,
+            "calibrator_choice": choice.as_dict() if choice else None,
+            "obs_duration_s": duration_s,
             "priority": 0 if cal else 1,  # calibrator groups are claimed first
         }
         message = "all subbands ready" + (f"; calibrator {cal.name} transits" if cal else "")
@@ -532,17 +593,22 @@ class Ingestor:
             "ingest.group_pending",
             group_id=group.group_id,
             calibrator=fields["calibrator_name"],
+            duration_s=round(duration_s, 1),
             correlation_id=group.correlation_id,
         )
 
 
 def _group_duration_s(s: Session, group: Group) -> float:
-    ntimes = s.scalars(
-        select(SubbandFile.ntimes).where(
-            SubbandFile.group_id == group.group_id, SubbandFile.status == FileStatus.READY.value
+    """The group's observed span: the longest span of its ready files (seconds); one
+    nominal file (24 integrations) when no file recorded one."""
+    spans = s.scalars(
+        select(SubbandFile.time_span_s).where(
+            SubbandFile.group_id == group.group_id,
+            SubbandFile.status == FileStatus.READY.value,
+            SubbandFile.time_span_s.is_not(None),
         )
-    ).first()
-    return (ntimes or 24) * INTEGRATION_S
+    ).all()
+    return max(spans) if spans else 24 * INTEGRATION_S
 
 
 def _incomplete_failure(

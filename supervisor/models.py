@@ -80,6 +80,10 @@ class Group(Base):
     pointing_dec_deg: Mapped[float | None] = mapped_column(Float)
     is_calibrator: Mapped[bool] = mapped_column(Boolean, default=False)
     calibrator_name: Mapped[str | None] = mapped_column(String(32))
+    # Why the group is (or is not) a calibrator group: the candidates considered, hour angle,
+    # primary-beam gain and apparent flux of the one chosen (see calibrators.choose_calibrator).
+    calibrator_choice: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    obs_duration_s: Mapped[float | None] = mapped_column(Float)  # from the files' time arrays
     priority: Mapped[int] = mapped_column(Integer, default=0)  # lower runs first
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # attempts of the current stage
     crash_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -121,7 +125,10 @@ class SubbandFile(Base):
     first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
     observed_at: Mapped[datetime] = mapped_column(UTCDateTime)  # when size/mtime last changed
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    ntimes: Mapped[int | None] = mapped_column(Integer)
+    # Integrations in the file (UVH5 ``Ntimes``; not the length of ``time_array``, which is
+    # Nblts) and the span they cover, first start to last end, in seconds.
+    n_integrations: Mapped[int | None] = mapped_column(Integer)
+    time_span_s: Mapped[float | None] = mapped_column(Float)
 
     group: Mapped[Group | None] = relationship(back_populates="files")
 

@@ -138,6 +138,7 @@ def _describe_returncode(rc: int) -> str:
 class Action(enum.StrEnum):
     RETRY = "retry"  # same tier, after ``next_attempt_at``
     NEXT_TIER = "next_tier"  # the stage's next fallback tier, at once
+    WAIT_CALIBRATION = "wait_calibration"  # every tier spent; wait for new calibration
     QUARANTINE = "quarantine"
     FAIL = "fail"
 
@@ -207,6 +208,13 @@ def decide(
                 failure,
                 tier=tier + 1,
                 reason=f"fallback tier {stage.tiers[tier + 1].name}",
+            )
+        if stage.when_exhausted == "wait_calibration":
+            return Decision(
+                Action.WAIT_CALIBRATION,
+                failure,
+                tier=tier,
+                reason="every calibration tier tried; waiting for a new calibration set",
             )
         exhausted = Failure(
             Category.VALIDATION,

@@ -28,6 +28,9 @@ def calibration_used(s: Session, group: Group) -> tuple[str | None, int | None]:
     if attempt is None:
         return None, None
     metrics = (attempt.result or {}).get("metrics", {})
+    tier = metrics.get("calibration_tier")
+    if metrics.get("mode") == "solve" and tier not in (None, "self"):
+        return tier, None  # solved on another calibrator for itself only: no registered set
     if metrics.get("mode") == "solve":
         own = s.scalars(
             select(CalibrationSet)

@@ -1,7 +1,9 @@
 """A test-only stage worker whose behaviour the request chooses (``params.behaviour``).
 
 succeed | raise | classified | hang | ignore_sigterm | grandchild | signal | garbage |
-no_result | slow_success | bad_artifact | result_then_segv; ``sequence`` picks one per attempt
+no_result | slow_success | bad_artifact | result_then_segv; ``sequence`` picks one per attempt.
+A calibrate request's plan is echoed in the metrics; ``solve_gate = "fail"`` makes a solve
+report metrics that fail the calibrate gate.
 """
 
 from __future__ import annotations
@@ -26,6 +28,35 @@ GATE_METRICS = {
 }
 
 
+# A solve that passes the calibrate gate, and one that fails it (bandpass mostly flagged).
+SOLVE_METRICS = {
+    "solution_flag_fraction": {"B": 0.0},
+    "bandpass_snr_median": 50.0,
+    "good_antenna_fraction": 1.0,
+    "gain_amp_min": 0.9,
+    "gain_amp_max": 1.1,
+}
+FAILING_SOLVE_METRICS = {**SOLVE_METRICS, "solution_flag_fraction": {"B": 0.56}}
+
+
+def _metrics(request: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The gate metrics, echoing the calibration plan the supervisor chose (if any)."""
+    plan = request.get("calibration_plan")
+    if not plan:
+        return GATE_METRICS
+    metrics = {
+        **GATE_METRICS,
+        "mode": plan["mode"],
+        "calibration_tier": plan["tier"],
+        "calibration_set_id": plan["set_id"],
+        "calibrator": plan["calibrator"],
+    }
+    if plan["mode"] == "solve":
+        failing = params.get("solve_gate") == "fail"
+        metrics.update(FAILING_SOLVE_METRICS if failing else SOLVE_METRICS)
+    return metrics
+
+
 def stage(request: dict[str, Any]) -> dict[str, Any]:
     params = request["tier"]["params"]
     behaviour = params.get("behaviour", "succeed")
@@ -44,7 +75,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         marker.write_text(f"{request['group_id']} {request['stage']} attempt {request['attempt']}")
         return {
             "artifacts": [{"path": marker.name, "kind": f"{request['stage']}_output"}],
-            "metrics": GATE_METRICS,
+            "metrics": _metrics(request, params),
         }
     if behaviour == "bad_artifact":
         return {"artifacts": [{"path": "never-written.ms", "kind": "ms"}]}

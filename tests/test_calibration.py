@@ -64,7 +64,9 @@ def test_target_tiers_valid_window_then_last_known_good_then_wait(
     for gid in (near, far, none):
         add_pending_group(sqlite_db, gid, calibrator=None)
     with sqlite_db.transaction() as s:
-        assert calibration.plan_for(s, s.get(Group, near), cfg) is None
+        nothing = calibration.plan_for(s, s.get(Group, near), cfg)
+    assert isinstance(nothing, calibration.Unavailable)
+    assert "no valid calibration set within 48 h" in nothing.reason
     set_id = _register(sqlite_db, cfg)
     with sqlite_db.transaction() as s:
         plan_near = calibration.plan_for(s, s.get(Group, near), cfg)
@@ -74,7 +76,7 @@ def test_target_tiers_valid_window_then_last_known_good_then_wait(
     assert [t["kind"] for t in plan_near.tables] == ["B", "G"]  # G0 is never applied
     assert [t["interp"] for t in plan_near.tables] == ["nearest", "linear"]
     assert plan_far.tier == "last_known_good"
-    assert plan_none is None
+    assert isinstance(plan_none, calibration.Unavailable)
 
 
 def test_registration_releases_waiting_groups_in_its_window(

@@ -308,3 +308,85 @@ def test_demo_summary_has_what_an_operator_needs(night: Night) -> None:
     assert rows[night.ids[FLAGGED]]["reason"].startswith("convert failed its quality gate")
     text = render_table({**summary, "workspace": "W", "wall_s": 1.0, "simulate_s": 0.5})
     assert night.ids[TARGET] in text and "valid_window" in text
+
+
+def _run_calibrate_worker(night: Night, tmp: Path, model_flux_jy: float, minsnr: float) -> dict:
+    """The real calibrate worker on a copy of the calibrator group's MS, asked to solve on a
+    model of ``model_flux_jy``; returns its result record."""
+    import subprocess
+    import sys
+
+    from supervisor.casaenv import casa_environment, write_site_config
+
+    ms = tmp / "copy.ms"
+    shutil.copytree(night.artifact(CAL, "ms"), ms)
+    out, work = tmp / "out", tmp / "work"
+    out.mkdir()
+    work.mkdir()
+    request = {
+        "group_id": night.ids[CAL],
+        "stage": "calibrate",
+        "attempt": 1,
+        "tier": {"index": 0, "name": "primary", "params": {"minsnr": minsnr}},
+        "artifacts": {"ms": str(ms)},
+        "output_dir": str(out),
+        "result_path": str(work / "result.json"),
+        "casa_log": str(work / "casa.log"),
+        "obs_duration_s": 309.0,
+        "telescope": {"dish_diameter_m": 4.65, "sefd_jy": 6500.0},
+        "calibration_plan": {
+            "mode": "solve",
+            "tier": "self",
+            "calibrator": "3C48",
+            "model": [
+                {
+                    "name": "3C48",
+                    "ra_deg": 24.422081,
+                    "dec_deg": 33.159759,
+                    "flux_jy_1p4ghz": model_flux_jy,
+                    "apparent_flux_jy_1p4ghz": model_flux_jy,
+                    "spectral_index": -0.7,
+                    "offset_deg": 0.0,
+                }
+            ],
+        },
+    }
+    path = work / "request.json"
+    path.write_text(json.dumps(request))
+    site = write_site_config(work, work / "casa.log")
+    subprocess.run(
+        [sys.executable, "-m", "stages.calibrate", "--request", str(path)],
+        cwd=work,
+        env=casa_environment(site),
+        timeout=600,
+        check=False,
+        capture_output=True,
+    )
+    return json.loads((work / "result.json").read_text())
+
+
+def test_a_solve_step_that_writes_no_table_is_classified_naming_the_step(
+    night: Night, tmp_path: Path
+) -> None:
+    """A calibrator model that is practically zero (3C48 far out in the beam): the solve
+    steps find nothing; the step's own check names it and classifies it as recoverable
+    (the next calibration tier), instead of a later step raising `Table ... does not exist`
+    as an unclassified fatal error."""
+    result = _run_calibrate_worker(night, tmp_path, model_flux_jy=1.6e-27, minsnr=0.0)
+    error = result["error"]
+    assert (result["status"], error["category"], error["code"]) == (
+        "failed",
+        "recoverable",
+        "no_solutions",
+    )
+    assert any(step in error["message"] for step in ("gaincal (G0", "bandpass (B)", "gaincal (G,"))
+
+
+def test_a_calibrator_too_faint_to_solve_on_is_refused_before_solving(
+    night: Night, tmp_path: Path
+) -> None:
+    result = _run_calibrate_worker(night, tmp_path, model_flux_jy=1.6e-27, minsnr=5.0)
+    error = result["error"]
+    assert (error["category"], error["code"]) == ("recoverable", "calibrator_too_faint")
+    assert "predicted bandpass SNR" in error["message"] and "3C48" in error["message"]
+    assert not (tmp_path / "out" / "B.bcal").exists()

@@ -362,3 +362,62 @@ def test_subband_index_beyond_the_group_size_is_rejected(
     (cfg.incoming_dir / "2025-10-05T12:30:00_sb16.hdf5").write_bytes(b"")
     report = make_ingestor(cfg, sqlite_db, clock).run_once()
     assert [r["code"] for r in report.rejected] == ["bad_subband_index"]
+
+
+def test_integrations_are_counted_not_baseline_times(
+    cfg: Config, sqlite_db: Database, clock: FakeClock, night: SimulatedNight
+) -> None:
+    """``Header/time_array`` has Nblts entries; a group lasts its integrations (24 x 12.885
+    s), not Nblts of them (which made every group a calibrator group at full size)."""
+    from supervisor.simulate import INTEGRATION_S
+
+    files = night.copy_group(2, cfg.incoming_dir)
+    with h5py.File(files[0], "r") as fh:
+        nblts = fh["Header/time_array"].shape[0]
+    assert nblts > 24
+    make_ingestor(cfg, sqlite_db, clock).run_once()
+    rows = file_rows(sqlite_db)
+    assert {r.n_integrations for r in rows.values()} == {24}
+    for r in rows.values():
+        assert r.time_span_s == pytest.approx(24 * INTEGRATION_S, abs=0.01)
+    (group,) = groups(sqlite_db).values()
+    assert group.obs_duration_s == pytest.approx(24 * INTEGRATION_S, abs=0.01)
+
+
+def test_target_before_the_transit_is_not_a_calibrator_group(
+    cfg: Config, sqlite_db: Database, clock: FakeClock, tmp_path: Path
+) -> None:
+    """3C48 transits in the second of three groups: only that group solves, and the choice
+    is recorded with the hour angles and beam gains that were weighed."""
+    from supervisor.simulate import SimulationSpec, simulate
+
+    truths = simulate(
+        cfg.incoming_dir,
+        SimulationSpec(
+            n_groups=3,
+            calibrator="3C48",
+            calibrator_group=1,
+            n_antennas=4,
+            n_channels_per_subband=1,
+            n_field_sources=0,
+            seed=3,
+        ),
+    )
+    shutil.rmtree(cfg.incoming_dir / "truth", ignore_errors=True)
+    make_ingestor(cfg, sqlite_db, clock).run_once()
+    got = groups(sqlite_db)
+    before, transit, after = (got[t.group_id] for t in truths)
+    assert [g.state for g in (before, transit, after)] == [State.PENDING] * 3
+    assert (before.is_calibrator, transit.is_calibrator, after.is_calibrator) == (
+        False,
+        True,
+        False,
+    )
+    assert transit.calibrator_name == "3C48" and transit.priority < before.priority
+    (seen,) = [c for c in transit.calibrator_choice["candidates"] if c["name"] == "3C48"]
+    assert seen["transits"] and seen["hour_angle_start_deg"] < 0 < seen["hour_angle_end_deg"]
+    assert seen["pb_gain"] > 0.99
+    assert transit.calibrator_choice["chosen"] == "3C48"
+    (early,) = [c for c in before.calibrator_choice["candidates"] if c["name"] == "3C48"]
+    assert not early["transits"] and early["hour_angle_end_deg"] < 0
+    assert before.calibrator_choice["chosen"] is None

@@ -99,3 +99,49 @@ def test_foreign_keys_are_enforced(db: Database) -> None:
                 observed_at=now,
             )
         )
+
+
+def test_0002_recomputes_integrations_that_0001_stored_as_nblts(
+    cfg: Config, night: object
+) -> None:
+    """Rows written before 0002 hold Nblts in ``ntimes``; the migration re-reads the file
+    (read-only) and stores the integrations and the span, and clears what it cannot read."""
+    from datetime import UTC, datetime
+
+    from supervisor.simulate import INTEGRATION_S
+
+    path = night.files_by_group[night.group_ids[0]][0]  # type: ignore[attr-defined]
+    db = Database(cfg.database_url)
+    try:
+        migrate.upgrade(db, "0001")
+        now = datetime(2026, 1, 1, tzinfo=UTC).replace(tzinfo=None)
+        with db.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO groups (group_id, obs_start, state, is_calibrator, priority, "
+                    "attempt, crash_count, fallback_tier, fencing_token, correlation_id, "
+                    "first_seen_at, updated_at) VALUES ('g', :t, 'pending', 0, 1, 0, 0, 0, 0, "
+                    "'c', :t, :t)"
+                ),
+                {"t": now},
+            )
+            for i, (p, nblts) in enumerate([(str(path), 864), ("/gone/x_sb01.hdf5", 864)]):
+                conn.execute(
+                    text(
+                        "INSERT INTO subband_files (path, group_id, subband, file_time, "
+                        "size_bytes, mtime_ns, status, first_seen_at, observed_at, ntimes) "
+                        "VALUES (:p, 'g', :sb, :t, 1, 1, 'ready', :t, :t, :n)"
+                    ),
+                    {"p": p, "sb": i, "t": now, "n": nblts},
+                )
+        migrate.upgrade(db)
+        with db.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT path, n_integrations, time_span_s FROM subband_files ORDER BY id")
+            ).all()
+            duration = conn.execute(text("SELECT obs_duration_s FROM groups")).scalar()
+        assert rows[0][1] == 24 and abs(rows[0][2] - 24 * INTEGRATION_S) < 0.01
+        assert rows[1][1:] == (None, None)
+        assert abs(duration - 24 * INTEGRATION_S) < 0.01
+    finally:
+        db.dispose()

@@ -195,12 +195,16 @@ def test_decisions() -> None:
     assert first.action == Action.RETRY and NOW <= first.next_attempt_at <= NOW + timedelta(
         seconds=CFG.retry.base_delay_s
     )
-    # calibrate: 2 attempts per tier, then its "relaxed" tier, then a human.
+    # calibrate: 2 attempts per tier, then the next tier of its chain; after the last tier
+    # a transient failure needs a human, a recoverable one waits for new calibration.
+    last = len(CFG.stages["calibrate"].tiers) - 1
     assert _decide(Category.RETRYABLE, attempt=2).action == Action.NEXT_TIER
-    assert _decide(Category.RETRYABLE, attempt=2, tier=1).action == Action.FAIL
-    assert _decide(Category.RETRYABLE, attempt=2, tier=1).failure.code == "x_budget_exhausted"
+    assert _decide(Category.RETRYABLE, attempt=2, tier=last).action == Action.FAIL
+    assert _decide(Category.RETRYABLE, attempt=2, tier=last).failure.code == "x_budget_exhausted"
     assert _decide(Category.RECOVERABLE).action == Action.NEXT_TIER
-    exhausted = _decide(Category.RECOVERABLE, tier=1)
+    assert _decide(Category.RECOVERABLE, tier=last).action == Action.WAIT_CALIBRATION
+    # A stage whose chain ends in quarantine (image: one tier).
+    exhausted = _decide(Category.RECOVERABLE, stage="image")
     assert (exhausted.action, exhausted.failure.code) == (Action.QUARANTINE, "fallbacks_exhausted")
     assert _decide(Category.VALIDATION).action == Action.QUARANTINE
     assert _decide(Category.FATAL).action == Action.FAIL
@@ -208,3 +212,16 @@ def test_decisions() -> None:
     budget = CFG.retry.crash_budget
     assert _decide(Category.RETRYABLE, crash=True, crashes=budget).action == Action.RETRY
     assert _decide(Category.RETRYABLE, crash=True, crashes=budget + 1).action == Action.FAIL
+
+
+def test_a_missing_calibration_table_is_recoverable_not_unclassified() -> None:
+    """CASA's "Table ... does not exist" when a solve step silently wrote nothing."""
+    failure = Classifier(CFG.policy).classify(
+        Evidence(
+            stage="calibrate",
+            outcome="error",
+            exception_type="RuntimeError",
+            message="Table /products/2025-10-05T12:30:00/calibrate/B.bcal does not exist",
+        )
+    )
+    assert (failure.category, failure.code) == (Category.RECOVERABLE, "missing_caltable")

@@ -1,0 +1,115 @@
+"""What a stage worker is given: the attempt's directories and its request JSON (the worker
+protocol's input), built from the group's rows, its committed artifacts and upstream metrics.
+
+Directories: ``logs/<group>/<stage>/t<token>/`` keeps the request, result, CASA log and
+worker stdout/stderr of every attempt; ``staging/<group>/<stage>-t<token>/`` receives the
+outputs, and is renamed to ``products/<group>/<stage>/`` on success or deleted on failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from supervisor import calibration
+from supervisor.calibration import CalibrationPlan
+from supervisor.config import Config, StageTier
+from supervisor.leases import Claim
+from supervisor.models import Artifact, Group, StageAttempt, SubbandFile
+
+
+@dataclass(frozen=True)
+class AttemptPaths:
+    """The directories of one attempt."""
+
+    workdir: Path  # request, result, logs: kept
+    output_dir: Path  # staging: published or removed
+    final_dir: Path  # where a successful output_dir goes
+
+    @property
+    def request(self) -> Path:
+        return self.workdir / "request.json"
+
+    @property
+    def result(self) -> Path:
+        return self.workdir / "result.json"
+
+    @property
+    def casa_log(self) -> Path:
+        return self.workdir / "casa.log"
+
+
+def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
+    return AttemptPaths(
+        workdir=cfg.path("logs") / claim.group_id / claim.stage / f"t{claim.fencing_token}",
+        output_dir=cfg.path("staging") / claim.group_id / f"{claim.stage}-t{claim.fencing_token}",
+        final_dir=cfg.path("products") / claim.group_id / claim.stage,
+    )
+
+
+def build_request(
+    s: Session,
+    cfg: Config,
+    claim: Claim,
+    tier: StageTier,
+    paths: AttemptPaths,
+    plan: CalibrationPlan | None = None,
+) -> dict[str, Any]:
+    """The request JSON of one attempt (``plan``: the calibrate stage's chosen plan)."""
+    group = s.get(Group, claim.group_id)
+    assert group is not None
+    files = {
+        f.subband: f.path
+        for f in s.scalars(
+            select(SubbandFile)
+            .where(SubbandFile.group_id == claim.group_id, SubbandFile.status == "ready")
+            .order_by(SubbandFile.subband)
+        )
+    }
+    artifacts = {
+        a.kind: a.path
+        for a in s.scalars(select(Artifact).where(Artifact.group_id == claim.group_id))
+    }
+    upstream = {
+        a.stage: (a.result or {}).get("metrics", {})
+        for a in s.scalars(
+            select(StageAttempt)
+            .where(StageAttempt.group_id == claim.group_id, StageAttempt.outcome == "succeeded")
+            .order_by(StageAttempt.id)
+        )
+    }
+    extras: dict[str, Any] = {}
+    if plan is not None:
+        extras["calibration_plan"] = plan.as_request()
+    cal = calibration.catalogue_source(cfg, group.calibrator_name)
+    if cal is not None and group.is_calibrator:
+        extras["calibrator_source"] = dataclasses.asdict(cal)
+    tmpfs = cfg.path("tmpfs_staging") if cfg.paths.tmpfs_staging else None
+    return {
+        **extras,
+        "upstream_metrics": upstream,
+        "tmpfs_staging": str(tmpfs) if tmpfs else None,
+        "group_id": claim.group_id,
+        "stage": claim.stage,
+        "attempt": claim.attempt,
+        "fencing_token": claim.fencing_token,
+        "correlation_id": claim.correlation_id,
+        "tier": {"index": claim.tier, "name": tier.name, "params": dict(tier.params)},
+        "obs_start": group.obs_start.isoformat(),
+        "obs_duration_s": group.obs_duration_s,
+        "pointing_dec_deg": group.pointing_dec_deg,
+        "calibrator": group.calibrator_name,
+        "subband_files": {f"{sb:02d}": path for sb, path in files.items()},
+        "artifacts": artifacts,
+        "output_dir": str(paths.output_dir),
+        "final_dir": str(paths.final_dir),
+        "result_path": str(paths.result),
+        "casa_log": str(paths.casa_log),
+        "telescope": dataclasses.asdict(cfg.telescope),
+        "calibration": dataclasses.asdict(cfg.calibration),
+    }

@@ -1,0 +1,159 @@
+"""The calibration fallback chain through the real daemon and runner (fake stage code): a
+calibrator group whose own solve fails its gate is calibrated from the registry; a chain
+with nothing left waits, then is quarantined with the list of what was tried."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from supervisor import calibration
+from supervisor.config import Config
+from supervisor.daemon import Daemon
+from supervisor.db import Database
+from supervisor.models import CalibrationSet, Group, Product, StageAttempt, Transition
+from supervisor.states import Actor, State, transition
+from tests.conftest import add_pending_group, fake_pipeline_config
+
+EARLIER_CAL = "2025-10-05T12:25:00"  # solved 5 minutes before
+OFF_TRANSIT = "2025-10-05T12:30:00"  # the calibrator still in the beam, off transit
+
+
+def chain(*, solve_gate: str) -> dict:
+    """The default chain's sources, run by the fake stage."""
+    return {
+        "when_exhausted": "wait_calibration",
+        "tiers": [
+            {"name": "primary", "params": {"source": "self", "solve_gate": solve_gate}},
+            {"name": "relaxed", "params": {"source": "self", "solve_gate": solve_gate}},
+            {"name": "valid_window", "params": {"source": "valid_window"}},
+            {"name": "last_known_good", "params": {"source": "last_known_good"}},
+            {"name": "field_calibrator", "params": {"source": "field_calibrator"}},
+        ],
+    }
+
+
+def run_until_idle(cfg: Config, db: Database) -> None:
+    Daemon(cfg, db, rng=random.Random(0), ingest=False).run(until_idle=True)
+
+
+def calibrate_attempts(db: Database, gid: str) -> list[tuple[int, str, str | None]]:
+    with db.transaction() as s:
+        return [
+            (a.fallback_tier, a.outcome, a.error_code)
+            for a in s.scalars(
+                select(StageAttempt)
+                .where(StageAttempt.group_id == gid, StageAttempt.stage == "calibrate")
+                .order_by(StageAttempt.id)
+            )
+        ]
+
+
+def register_earlier_set(db: Database, cfg: Config) -> int:
+    """Tables solved on an earlier calibrator group (that group then leaves the queue)."""
+    add_pending_group(db, EARLIER_CAL)
+    now = datetime.now(UTC)
+    with db.transaction() as s:
+        earlier = s.get(Group, EARLIER_CAL)
+        cal_set = calibration.register_solution(
+            s, earlier, {"caltable_B": Path("/p/B"), "caltable_G": Path("/p/G")}, {}, cfg, now
+        )
+        transition(s, earlier, State.QUARANTINED, now=now, actor=Actor("test"))
+        return cal_set.id
+
+
+def test_off_transit_solve_that_fails_its_gate_completes_on_valid_window(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    cfg = fake_pipeline_config(workspace, calibrate=chain(solve_gate="fail"))
+    set_id = register_earlier_set(sqlite_db, cfg)
+    add_pending_group(sqlite_db, OFF_TRANSIT)  # a calibrator group (3C48)
+    run_until_idle(cfg, sqlite_db)
+
+    with sqlite_db.transaction() as s:
+        group = s.get(Group, OFF_TRANSIT)
+        assert group.state == State.COMPLETED
+        products = s.scalars(select(Product).where(Product.group_id == OFF_TRANSIT)).all()
+        reasons = [
+            t.message
+            for t in s.scalars(
+                select(Transition)
+                .where(Transition.group_id == OFF_TRANSIT, Transition.code.is_not(None))
+                .order_by(Transition.id)
+            )
+        ]
+        own_sets = s.scalars(
+            select(CalibrationSet).where(CalibrationSet.group_id == OFF_TRANSIT)
+        ).all()
+    # Both solve tiers failed the calibrate gate; the registry's tables then served.
+    assert calibrate_attempts(sqlite_db, OFF_TRANSIT) == [
+        (0, "failed", "calibrate_gate_failed"),
+        (1, "failed", "calibrate_gate_failed"),
+        (2, "succeeded", None),
+    ]
+    assert len(reasons) == 2 and all("bandpass_flag_fraction" in r for r in reasons)
+    assert {(p.calibration_tier, p.calibration_set_id) for p in products} == {
+        ("valid_window", set_id)
+    }
+    assert own_sets == []  # a failed solve registers nothing
+
+
+def test_target_skips_the_solve_tiers_with_recorded_reasons(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    cfg = fake_pipeline_config(workspace, calibrate=chain(solve_gate="pass"))
+    register_earlier_set(sqlite_db, cfg)
+    target = "2025-10-05T12:40:00"
+    add_pending_group(sqlite_db, target, calibrator=None)
+    run_until_idle(cfg, sqlite_db)
+    assert calibrate_attempts(sqlite_db, target) == [(2, "succeeded", None)]
+    with sqlite_db.transaction() as s:
+        (attempt,) = s.scalars(
+            select(StageAttempt).where(
+                StageAttempt.group_id == target, StageAttempt.stage == "calibrate"
+            )
+        ).all()
+        request = Path(attempt.workdir, "request.json").read_text()
+    assert "not a calibrator group" in request  # the skipped tiers travel with the plan
+
+
+def test_exhausted_chain_waits_then_is_quarantined_naming_what_was_tried(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    cfg = fake_pipeline_config(workspace, calibrate=chain(solve_gate="fail"))
+    add_pending_group(sqlite_db, OFF_TRANSIT)
+    run_until_idle(cfg, sqlite_db)
+    with sqlite_db.transaction() as s:
+        group = s.get(Group, OFF_TRANSIT)
+        assert (group.state, group.stage) == (State.WAITING_CALIBRATION, "calibrate")
+        assert group.fallback_tier == 2  # a new set is tried from the registry tiers
+        later = datetime.now(UTC) + timedelta(hours=cfg.calibration.max_wait_hours + 1)
+        assert calibration.expire_waiting(s, cfg, later, Actor("test")) == [OFF_TRANSIT]
+    with sqlite_db.transaction() as s:
+        group = s.get(Group, OFF_TRANSIT)
+        assert (group.state, group.error_code) == (State.QUARANTINED, "no_calibration")
+        assert "primary: failed (calibrate_gate_failed" in group.state_reason
+        assert "relaxed: failed (calibrate_gate_failed" in group.state_reason
+
+
+def test_a_new_set_releases_a_waiting_calibrator_group_to_the_registry_tiers(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    cfg = fake_pipeline_config(workspace, calibrate=chain(solve_gate="fail"))
+    add_pending_group(sqlite_db, OFF_TRANSIT)
+    run_until_idle(cfg, sqlite_db)
+    assert [a[0] for a in calibrate_attempts(sqlite_db, OFF_TRANSIT)] == [0, 1]
+    set_id = register_earlier_set(sqlite_db, cfg)
+    with sqlite_db.transaction() as s:
+        cal_set = s.get(CalibrationSet, set_id)
+        assert calibration.release_waiting(s, cal_set, datetime.now(UTC), Actor("t")) == [
+            OFF_TRANSIT
+        ]
+    run_until_idle(cfg, sqlite_db)
+    # Its own solve is not tried again: the released group starts at valid_window.
+    assert [a[0] for a in calibrate_attempts(sqlite_db, OFF_TRANSIT)] == [0, 1, 2]
+    with sqlite_db.transaction() as s:
+        assert s.get(Group, OFF_TRANSIT).state == State.COMPLETED
