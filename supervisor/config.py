@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,9 +19,10 @@ from typing import Any
 
 from supervisor.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "default.toml"
-DEFAULT_CATALOGUE_PATH = REPO_ROOT / "config" / "calibrators.toml"
+# The shipped files (top-level config/, installed as the package supervisor.defaults).
+_DEFAULTS = Path(str(importlib.resources.files("supervisor.defaults")))
+DEFAULT_CONFIG_PATH = _DEFAULTS / "default.toml"
+DEFAULT_CATALOGUE_PATH = _DEFAULTS / "calibrators.toml"
 ENV_PREFIX = "CONTIMG_"
 # Variables with this prefix that are not key overrides; everything else with a "__" is one.
 NON_OVERRIDE_ENV = {"CONTIMG_WORKSPACE", "CONTIMG_CONFIG", "CONTIMG_ATTEMPT_MARK"}

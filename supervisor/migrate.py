@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 from alembic import command
@@ -11,7 +12,8 @@ from alembic.script import ScriptDirectory
 
 from supervisor.db import Database
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The top-level migrations/ directory, installed as the package supervisor.migrations.
+MIGRATIONS_DIR = Path(str(importlib.resources.files("supervisor.migrations")))
 
 
 def alembic_config(url: str) -> AlembicConfig:

@@ -11,6 +11,7 @@ period, SIGKILL, then a check that no member survives.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -23,7 +24,8 @@ from typing import Any
 
 import psutil
 
-from supervisor.config import REPO_ROOT
+# The directory holding the ``stages`` package (the repository, or site-packages).
+STAGES_ROOT = Path(str(importlib.util.find_spec("stages").origin)).parent.parent  # type: ignore[union-attr]
 
 ATTEMPT_MARK_ENV = "CONTIMG_ATTEMPT_MARK"
 
@@ -83,7 +85,7 @@ def worker_environment(base: dict[str, str], mark: str) -> dict[str, str]:
     every process of this attempt with ``mark`` (unique per attempt)."""
     env = dict(base)
     env[ATTEMPT_MARK_ENV] = mark
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STAGES_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 
