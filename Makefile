@@ -13,7 +13,13 @@ STAMP := $(VENV)/.installed
 DEMO_WORKSPACE ?= demo-workspace
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean tools
+
+# Optional Debian tools the tests use when present (each test that needs one skips with a
+# reason otherwise): systemd-analyze (unit verify/security). Installed when we are root and
+# apt-get works; never fatal.
+DEBIAN_TOOLS := systemd-analyze:systemd
+TOOLS_STAMP := $(VENV)/.tools
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: need Python >= 3.11 (python3.12, python3.11 or python3)"; exit 2; }
@@ -25,8 +31,26 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/contimg-supervisor --workspace $(DEMO_WORKSPACE) demo
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): $(STAMP)
+	@missing=""; for pair in $(DEBIAN_TOOLS); do \
+		cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian packages:$$missing"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+				|| echo "warning: could not install$$missing; tests that need them will skip"; \
+		else \
+			echo "note: not installing$$missing (needs root and apt-get); tests that need them will skip"; \
+		fi; \
+	fi
+	@touch $(TOOLS_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

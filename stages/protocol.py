@@ -81,6 +81,10 @@ def run(stage: Callable[[dict[str, Any]], dict[str, Any]]) -> NoReturn:
         record = {"status": "failed", "error": _error(exc)}
         code = EXIT_FAILED
     record["duration_s"] = round(time.monotonic() - started, 3)
+    # The group's correlation id, from the request (or the environment the supervisor set).
+    record["correlation_id"] = request.get("correlation_id") or os.environ.get(
+        "CONTIMG_CORRELATION_ID"
+    )
     record["log_lines"] = casa_log_lines(request.get("casa_log"))
     try:
         write_json_atomic(result_path, record)

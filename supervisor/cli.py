@@ -222,6 +222,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     counts = ", ".join(f"{k} {v}" for k, v in status["states"].items() if v) or "no groups"
     print(f"groups: {counts}; rejected files: {status['rejected_files']}")
+    for d in status["daemons"]:
+        paused = "; ".join(f"{k} paused: {v[0]}" for k, v in d["paused"].items())
+        print(
+            f"daemon {d['owner']} {d['state']}, {d['in_flight']} in flight, last seen "
+            f"{d['heartbeat_at']}" + (f"; {paused}" if paused else "")
+        )
     for g in status["in_flight"]:
         print(
             f"running: {g['group_id']} {g['stage']} attempt {g['attempt']} "
@@ -243,17 +249,51 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from supervisor.daemon import Daemon
+    """The daemon, as systemd runs it: JSON log lines on stdout (journald), READY=1 after the
+    checks, SIGTERM/SIGINT drain (a second one stops at once), SIGHUP reloads the config.
+    Exit 0 after an orderly stop; a failure to start exits 2 (configuration) or 1."""
+    import os
+
+    from supervisor.daemon import ConfigSource, Daemon
+    from supervisor.listener import parse_listen
     from supervisor.logs import configure_logging
+    from supervisor.notify import Notifier
 
     cfg = load_config(args.config, workspace=args.workspace)
     configure_logging(cfg.logging.level, cfg.logging.format, stream=sys.stdout)
+    listen = cfg.daemon.listen if args.listen is None else args.listen
+    if listen:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     db = _database(cfg)
     if not cfg.incoming_dir.is_dir():
         raise UsageError(f"incoming directory {cfg.incoming_dir} does not exist (paths.incoming)")
-    daemon = Daemon(cfg, db)
+    daemon = Daemon(
+        cfg,
+        db,
+        notifier=Notifier(),
+        source=ConfigSource(
+            getattr(args, "config", None) or os.environ.get("CONTIMG_CONFIG"),
+            getattr(args, "workspace", None),
+        ),
+        listen=listen,
+        log_stream=sys.stdout,
+    )
+    terms = 0
+
+    def on_term(signum: int, _frame: object) -> None:
+        nonlocal terms
+        terms += 1
+        if terms == 1:
+            daemon.drain()
+        else:
+            daemon.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop())
+        signal.signal(sig, on_term)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     summary = daemon.run(until_idle=args.until_idle, max_attempts=args.max_attempts)
     print(
         json.dumps(
@@ -263,11 +303,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "outcomes": summary.outcomes,
                 "reaped": summary.reaped,
                 "leftovers_killed": summary.leftovers_killed,
+                "drained": summary.drained,
             }
         ),
         flush=True,
     )
     return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """The health report (exit 0 healthy, 1 degraded, 2 unhealthy)."""
+    from supervisor import health
+
+    cfg = _load(args)
+    db = _database(cfg)
+    rep = health.report(cfg, db)
+    if args.json:
+        _print_json(rep)
+    else:
+        print(f"{rep['status']} (node {rep['node']})")
+        for check in rep["checks"]:
+            print(f"  {check['status']:10} {check['name']:12} {check['detail']}")
+    return health.exit_code(rep)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -437,6 +494,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 once nothing is runnable, running or waiting to retry",
     )
     p.add_argument("--max-attempts", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /healthz and /metrics here (default daemon.listen; '' turns it off)",
+    )
+
+    add(
+        "health",
+        cmd_health,
+        "loop liveness, database, disk, intake, calibration age, backlog "
+        "(exit 0 healthy, 1 degraded, 2 unhealthy)",
+        json_flag=True,
+    )
 
     p = add(
         "demo",

@@ -25,7 +25,12 @@ DEFAULT_CONFIG_PATH = _DEFAULTS / "default.toml"
 DEFAULT_CATALOGUE_PATH = _DEFAULTS / "calibrators.toml"
 ENV_PREFIX = "CONTIMG_"
 # Variables with this prefix that are not key overrides; everything else with a "__" is one.
-NON_OVERRIDE_ENV = {"CONTIMG_WORKSPACE", "CONTIMG_CONFIG", "CONTIMG_ATTEMPT_MARK"}
+NON_OVERRIDE_ENV = {
+    "CONTIMG_WORKSPACE",
+    "CONTIMG_CONFIG",
+    "CONTIMG_ATTEMPT_MARK",
+    "CONTIMG_CORRELATION_ID",
+}
 
 
 def _rule(
@@ -147,6 +152,38 @@ class DaemonConfig:
     heartbeat_s: float = _field(15.0, min=0, exclusive_min=True, help="lease renewal period")
     idle_poll_s: float = _field(2.0, min=0, exclusive_min=True)
     term_grace_s: float = _field(10.0, min=0, help="SIGTERM -> SIGKILL grace for workers")
+    max_parallel: int = _field(2, min=1, help="stage attempts in flight at once (all stages)")
+    drain_budget_s: float = _field(
+        600.0, min=0, help="SIGTERM: running attempts may finish within this, then are stopped"
+    )
+    listen: str = _field("127.0.0.1:9580", help="HOST:PORT of /healthz and /metrics; empty: off")
+    reap_interval_s: float = _field(15.0, min=0, exclusive_min=True, help="lease reaper period")
+    heartbeat_row_s: float = _field(
+        5.0, min=0, exclusive_min=True, help="how often the loop records its liveness in the DB"
+    )
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Admission before a claim: a stage whose needs do not fit pauses its intake."""
+
+    memory_budget_gb: float = _field(
+        0.0, min=0, help="memory stage workers may reserve in total; 0: 85 % of physical RAM"
+    )
+    min_free_disk_gb: float = _field(
+        2.0, min=0, help="free space always left on the products/staging filesystem"
+    )
+    disk_margin_fraction: float = _field(0.2, min=0, help="margin on a stage's disk estimate")
+    min_free_fds: int = _field(64, min=0, help="file descriptors that must stay free")
+    monitor_interval_s: float = _field(15.0, min=0, exclusive_min=True)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    backlog_warn_s: float = _field(927.0, min=0, help="oldest runnable group: degraded beyond")
+    backlog_fail_s: float = _field(3600.0, min=0, help="oldest runnable group: unhealthy beyond")
+    loop_stale_s: float = _field(60.0, min=0, exclusive_min=True, help="loop liveness limit")
+    calibration_warn_h: float = _field(24.0, min=0, help="no good calibration for this long")
 
 
 @dataclass(frozen=True)
@@ -170,6 +207,14 @@ class StageConfig:
     timeout_s: float = _field(1800.0, min=0, exclusive_min=True)
     max_attempts: int = _field(3, min=1, help="attempts per fallback tier (retry budget)")
     tiers: list[StageTier] = field(default_factory=lambda: [StageTier()])
+    slots: int = _field(1, min=1, help="attempts of this stage in flight at once")
+    memory_per_input: float = _field(
+        1.0, min=0, help="worker peak memory per byte of the group's UVH5 input (estimate)"
+    )
+    memory_floor_mb: float = _field(400.0, min=0, help="worker memory however small the group")
+    disk_per_input: float = _field(
+        0.0, min=0, help="bytes the stage writes per byte of UVH5 input (estimate)"
+    )
     when_exhausted: str = _field(
         "quarantine",
         choices=("quarantine", "wait_calibration"),
@@ -217,6 +262,8 @@ class Config:
     casa: CasaConfig = field(default_factory=CasaConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

@@ -1,39 +1,64 @@
-"""The daemon's main loop: recover from a previous life, then ingest, reap, claim and execute
-until told to stop (or, with ``until_idle``, until nothing is runnable or waiting).
+"""The daemon: one supervisor process on one node, its whole lifecycle in this file.
 
-Start-up recovery, in order: kill stage workers that a dead daemon on this node left
-running (recognised by pid + start time), return their groups to their checkpoint at once
-(no need to wait for the lease: the owner is provably dead), and remove staging areas that
-no live attempt owns. Raw incoming files are never touched.
+Start-up: kill stage workers that a dead daemon on this node left running (recognised by
+pid + start time and their attempt mark), return their groups to their checkpoint at once,
+remove staging areas no live attempt owns, record this daemon in the ``daemons`` table (a
+database write), start the periodic jobs (:mod:`supervisor.jobs`) and the HTTP listener,
+then tell systemd READY=1.
+
+The loop: whenever a slot is free (``daemon.max_parallel`` in all, ``stages.X.slots`` per
+stage) claim the next runnable group whose stage has a slot and whose resource estimate is
+admitted (:mod:`supervisor.resources`), and run the attempt in a thread of its own; each
+attempt's worker wait and lease heartbeat live in that thread, so nothing blocks anything
+else. Every turn of the loop that reaches the database is "progress": the watchdog thread
+pings systemd (WATCHDOG=1) only while progress is recent, so a wedged loop or a stuck
+database gets the daemon restarted, while a long stage does not.
+
+Signals (installed by the CLI): SIGTERM/SIGINT → :meth:`Daemon.drain` (stop claiming; let
+running attempts finish within ``daemon.drain_budget_s``; then stop their workers, which
+leaves their groups pending at the stage that was running); a second SIGTERM →
+:meth:`Daemon.stop` (stop the workers now). SIGHUP → :meth:`Daemon.request_reload`.
+Raw incoming files are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import TextIO
 
 import structlog
 from sqlalchemy import func, select
 
-from supervisor import calibration
-from supervisor.config import Config
+from supervisor import __version__, calibration, health, metrics
+from supervisor.config import Config, load_config
 from supervisor.db import Database
-from supervisor.errors import Category, Failure
+from supervisor.errors import Category, ConfigError, Failure
 from supervisor.executor import StageExecutor
 from supervisor.ingest import Ingestor
-from supervisor.leases import Claim, Leases, Owner
-from supervisor.models import Group, StageAttempt, utcnow
+from supervisor.jobs import PeriodicJobs
+from supervisor.leases import Claim, Leases, Owner, database_now
+from supervisor.listener import Listener
+from supervisor.models import DaemonRecord, Group, StageAttempt, utcnow
+from supervisor.notify import Notifier
+from supervisor.policy import Classifier
+from supervisor.resources import Admission, Probe
 from supervisor.runner import kill_leftover
 from supervisor.states import State, transition
 
 log = structlog.get_logger(__name__)
 
-ACTIVE_STATES = (State.PENDING.value, State.RUNNING.value, State.RETRY_WAIT.value)
+ACTIVE_STATES = (State.PENDING.value, State.RETRY_WAIT.value, State.RUNNING.value)
+# Settings a running daemon cannot take over on SIGHUP: they name what it already holds.
+RESTART_ONLY = ("workspace", "paths", "database", "daemon.node_name", "daemon.listen")
 
 
 @dataclass
@@ -43,10 +68,28 @@ class RunSummary:
     leftovers_killed: int = 0
     reaped: list[str] = field(default_factory=list)
     staging_removed: int = 0
+    drained: bool = True  # False when running attempts had to be stopped
+
+
+@dataclass
+class InFlight:
+    """An attempt running in its own thread."""
+
+    claim: Claim
+    thread: threading.Thread
+    started: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the configuration came from, so that SIGHUP reads the same place again."""
+
+    path: str | None = None
+    workspace: str | None = None
 
 
 class Daemon:
-    """One supervisor process on one node."""
+    """One supervisor process on one node (see the module docstring)."""
 
     def __init__(
         self,
@@ -56,17 +99,40 @@ class Daemon:
         clock: Callable[[], datetime] | None = None,
         rng: random.Random | None = None,
         ingest: bool = True,
+        probe: Probe | None = None,
+        notifier: Notifier | None = None,
+        source: ConfigSource | None = None,
+        listen: str = "",
+        log_stream: TextIO | None = None,
     ) -> None:
         self.cfg = cfg
         self.db = db
         self.owner = Owner.this_process(cfg.daemon.node_name)
         self.leases = Leases(db, self.owner, lease_s=cfg.daemon.lease_s, clock=clock)
-        self.stop_event = threading.Event()
+        self.draining = threading.Event()  # stop claiming
+        self.stop_workers = threading.Event()  # stop running workers now
+        self.wake = threading.Event()
         self.executor = StageExecutor(
-            cfg, db, self.leases, rng=rng, should_stop=self.stop_event.is_set
+            cfg, db, self.leases, rng=rng, should_stop=self.stop_workers.is_set
         )
         self.ingestor = Ingestor(cfg, db, clock=clock or utcnow) if ingest else None
+        self.admission = Admission(cfg, probe or Probe(), on_change=self._on_pause_change)
+        self.notifier = notifier or Notifier({})
+        self.source = source
+        self.listen = listen  # HOST:PORT of /healthz and /metrics; "" (library use): none
+        self.log_stream = log_stream  # where logging goes when SIGHUP reconfigures it
+        self.listener: Listener | None = None
+        self.jobs = PeriodicJobs()
         self.summary = RunSummary()
+        self.running: dict[int, InFlight] = {}  # fencing token -> attempt
+        self._lock = threading.Lock()
+        self._ingest_lock = threading.Lock()
+        self._reload_requested = False
+        self._progress_at = time.monotonic()
+        self._row_written_at = 0.0
+        self._state = "starting"
+        self._last_status = ""
+        self._waiting = 0  # pending + retry_wait groups, refreshed with the liveness row
 
     # Start-up -------------------------------------------------------------------------
     def recover(self) -> None:
@@ -114,35 +180,179 @@ class Daemon:
                 group_dir.rmdir()
         return removed
 
-    # The loop -------------------------------------------------------------------------
+    # The whole run --------------------------------------------------------------------
     def run(self, *, until_idle: bool = False, max_attempts: int | None = None) -> RunSummary:
+        """Recover, start the jobs and the listener, loop until drained (or idle), stop."""
         self.recover()
-        while not self.stop_event.is_set():
-            if self.ingestor is not None:
-                self.ingestor.scan()
-            self.summary.reaped += self.leases.reap(crash_budget=self.cfg.retry.crash_budget)
-            self._expire_waiting()
-            claim = self.leases.claim_next()
-            if claim is not None:
-                try:
-                    state = self.executor.execute(claim)
-                except Exception as exc:  # noqa: BLE001 - one group must not stop the daemon
-                    state = self._supervisor_error(claim, exc)
-                self.summary.attempts += 1
-                self.summary.outcomes[state] = self.summary.outcomes.get(state, 0) + 1
-                if max_attempts is not None and self.summary.attempts >= max_attempts:
-                    break
-                continue
-            if until_idle and not self._work_remains():
-                break
-            self.stop_event.wait(self._idle_wait_s())
+        self._write_row("starting")  # READY below needs a database that takes writes
+        self.jobs = PeriodicJobs()
+        self._start_jobs()
+        if self.listen:
+            self.listener = Listener(self.listen, self.health_report)
+            self.listener.start()
+        self._state = "running"
+        self._write_row("running")
+        self._progress_at = time.monotonic()
+        self.notifier.ready(self._status_text())
+        watchdog = self._start_watchdog()  # after READY=1: systemd expects that order
+        log.info(
+            "daemon.ready",
+            owner=str(self.owner),
+            max_parallel=self.cfg.daemon.max_parallel,
+            listen=self.listener.address if self.listener else None,
+            watchdog_s=self.notifier.watchdog_usec / 1e6 or None,
+        )
+        try:
+            self._loop(until_idle=until_idle, max_attempts=max_attempts)
+        finally:
+            self._finish_running()
+            self.jobs.shutdown()
+            if self.listener is not None:
+                self.listener.close()
+            self._state = "stopped"
+            with contextlib.suppress(Exception):
+                self._write_row("stopped")
+            if watchdog is not None:
+                watchdog.join(timeout=5)
+            log.info(
+                "daemon.stopped",
+                attempts=self.summary.attempts,
+                drained=self.summary.drained,
+            )
         return self.summary
 
-    def _expire_waiting(self) -> None:
+    def _loop(self, *, until_idle: bool, max_attempts: int | None) -> None:
+        while not self.draining.is_set():
+            if self._reload_requested:
+                self._reload()
+            self._collect_finished()
+            try:
+                self._heartbeat_row()
+                claimed = self._fill_slots(max_attempts)
+            except Exception:  # noqa: BLE001 - a database outage: no progress, keep trying
+                log.exception("loop.database_error")
+                self.wake.wait(1.0)
+                continue
+            self._progress_at = time.monotonic()
+            metrics.LOOP_HEARTBEAT.set_to_current_time()
+            self._update_status()
+            limit_reached = max_attempts is not None and self.summary.attempts >= max_attempts
+            if limit_reached and not self.running:
+                break
+            if until_idle and not claimed and not self.running and not self._work_remains():
+                break
+            if not claimed:
+                self.wake.wait(self._idle_wait_s())
+                self.wake.clear()
+
+    # Slots and attempts -----------------------------------------------------------------
+    def _fill_slots(self, max_attempts: int | None) -> bool:
+        """Claim attempts while slots are free; True if any was claimed."""
+        claimed = False
+        while not self.draining.is_set():
+            if max_attempts is not None and self.summary.attempts >= max_attempts:
+                break
+            if len(self.running) >= self.cfg.daemon.max_parallel:
+                break
+            busy: dict[str, int] = {}
+            for item in self.running.values():
+                busy[item.claim.stage] = busy.get(item.claim.stage, 0) + 1
+            open_stages = [
+                name for name, sc in self.cfg.stages.items() if busy.get(name, 0) < sc.slots
+            ]
+            checked: set[str] = set()
+            claim = self.leases.claim_next(
+                stages=open_stages, admit=functools.partial(self._admit, checked)
+            )
+            for stage in set(self.admission.paused()) - checked:
+                if stage in open_stages:
+                    self.admission.clear(stage)  # nothing of it is waiting any more
+            if claim is None:
+                break
+            self._start_attempt(claim)
+            claimed = True
+        return claimed
+
+    def _admit(self, checked: set[str], group: Group, input_bytes: int) -> list[str]:
+        """Why ``group``'s next stage cannot start now ([] when it can)."""
+        checked.add(group.stage or "")
+        return self.admission.check(group.stage or "", input_bytes)
+
+    def _start_attempt(self, claim: Claim) -> None:
+        from supervisor.leases import input_bytes
+
         with self.db.transaction() as s:
-            expired = calibration.expire_waiting(s, self.cfg, self.leases.now(s), self.leases.actor)
-        for group_id in expired:
-            log.warning("calibration.wait_expired", group_id=group_id)
+            size = input_bytes(s, claim.group_id)
+        self.admission.reserve(claim.fencing_token, claim.stage, size)
+        thread = threading.Thread(
+            target=self._attempt,
+            args=(claim,),
+            name=f"attempt-{claim.group_id}-{claim.stage}",
+            daemon=True,
+        )
+        with self._lock:
+            self.running[claim.fencing_token] = InFlight(claim, thread, time.monotonic())
+            self.summary.attempts += 1
+        metrics.IN_FLIGHT.labels(claim.stage).inc()
+        thread.start()
+
+    def _attempt(self, claim: Claim) -> None:
+        """One attempt, in its own thread; every log line of it carries its identity."""
+        with structlog.contextvars.bound_contextvars(
+            group_id=claim.group_id,
+            stage=claim.stage,
+            attempt=claim.attempt,
+            correlation_id=claim.correlation_id,
+        ):
+            try:
+                state = self.executor.execute(claim)
+            except Exception as exc:  # noqa: BLE001 - one group must not stop the daemon
+                state = self._supervisor_error(claim, exc)
+        with self._lock:
+            self.summary.outcomes[state] = self.summary.outcomes.get(state, 0) + 1
+        metrics.ATTEMPTS.labels(claim.stage, state).inc()
+        metrics.IN_FLIGHT.labels(claim.stage).dec()
+        self.admission.release(claim.fencing_token)
+        self.wake.set()
+
+    def _collect_finished(self) -> None:
+        with self._lock:
+            done = [t for t, item in self.running.items() if not item.thread.is_alive()]
+            for token in done:
+                self.running.pop(token).thread.join()
+
+    def _finish_running(self) -> None:
+        """Drain: let running attempts finish within the budget, then stop their workers
+        (their groups go back to pending at the stage that was running)."""
+        self._collect_finished()
+        if not self.running:
+            return
+        budget = self.cfg.daemon.drain_budget_s
+        deadline = time.monotonic() + budget
+        log.info("daemon.draining", running=len(self.running), budget_s=budget)
+        while self.running and not self.stop_workers.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("daemon.drain_budget_spent", stopping=len(self.running))
+                break
+            self.notifier.extend_timeout(left + self._stop_margin_s(), self._status_text())
+            with contextlib.suppress(Exception):
+                self._heartbeat_row()
+            self._progress_at = time.monotonic()
+            self.wake.wait(min(1.0, left))
+            self.wake.clear()
+            self._collect_finished()
+        if self.running:
+            self.summary.drained = False
+            self.stop_workers.set()
+            self.notifier.extend_timeout(self._stop_margin_s(), "stopping running attempts")
+        for item in list(self.running.values()):
+            item.thread.join(timeout=self._stop_margin_s())
+        self._collect_finished()
+
+    def _stop_margin_s(self) -> float:
+        """Time to stop workers: SIGTERM grace, SIGKILL wait, and the hand-back commit."""
+        return self.cfg.daemon.term_grace_s + 30.0
 
     def _supervisor_error(self, claim: Claim, exc: Exception) -> str:
         """A bug or an environment fault in the supervisor itself while handling ``claim``:
@@ -174,13 +384,266 @@ class Daemon:
             return "lost"
         return State.FAILED.value
 
-    def stop(self) -> None:
-        self.stop_event.set()
+    # Signals ----------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Stop claiming; running attempts get ``daemon.drain_budget_s`` to finish."""
+        if not self.draining.is_set():
+            self.draining.set()
+            self._state = "draining"
+            log.info("daemon.drain_requested", running=len(self.running))
+            self.notifier.stopping(
+                "draining: " + self._status_text(),
+                self.cfg.daemon.drain_budget_s + self._stop_margin_s(),
+            )
+        self.wake.set()
 
+    def stop(self) -> None:
+        """Stop now: no more claims, and running workers are stopped (groups resumable)."""
+        self.draining.set()
+        self.stop_workers.set()
+        self._state = "draining"
+        self.wake.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+        self.wake.set()
+
+    def _reload(self) -> None:
+        """Read the configuration again. An invalid file keeps the old configuration (every
+        problem logged); settings that need a restart are reported and kept as they were."""
+        self._reload_requested = False
+        source = self.source or ConfigSource()
+        try:
+            new = load_config(source.path, workspace=source.workspace)
+        except ConfigError as exc:
+            log.error("config.reload_rejected", problems=exc.problems, kept="previous config")
+            return
+        old = self.cfg
+        needs_restart = [key for key in RESTART_ONLY if _get(new, key) != _get(old, key)]
+        new = dataclasses.replace(
+            new,
+            workspace=old.workspace,
+            paths=old.paths,
+            database=old.database,
+            daemon=dataclasses.replace(
+                new.daemon, node_name=old.daemon.node_name, listen=old.daemon.listen
+            ),
+        )
+        before, after = _flatten(old.as_dict()), _flatten(new.as_dict())
+        changed = sorted(k for k, v in after.items() if before.get(k) != v)
+        self._apply_config(new)
+        if needs_restart:
+            log.warning("config.reload_needs_restart", keys=needs_restart, kept="running values")
+        log.info("config.reloaded", changed=changed)
+
+    def _apply_config(self, cfg: Config) -> None:
+        from supervisor.logs import configure_logging
+
+        self.cfg = cfg
+        self.executor.cfg = cfg
+        self.executor.classifier = Classifier(cfg.policy)
+        self.admission.cfg = cfg
+        self.leases.lease = timedelta(seconds=cfg.daemon.lease_s)
+        if self.ingestor is not None:
+            self.ingestor.cfg = cfg
+        if self.log_stream is not None:
+            configure_logging(cfg.logging.level, cfg.logging.format, stream=self.log_stream)
+        for name, interval in self._job_intervals().items():
+            if name in self.jobs.jobs:
+                self.jobs.reschedule(name, interval)
+
+    # Periodic jobs ----------------------------------------------------------------------
+    def _job_intervals(self) -> dict[str, float]:
+        return {
+            "ingest": self.cfg.ingest.poll_interval_s,
+            "reaper": self.cfg.daemon.reap_interval_s,
+            "calibration_expiry": 60.0,
+            "resource_monitor": self.cfg.resources.monitor_interval_s,
+            "state_check": 300.0,
+        }
+
+    def _start_jobs(self) -> None:
+        funcs: dict[str, Callable[[], object]] = {
+            "reaper": self._reap,
+            "calibration_expiry": self._expire_waiting,
+            "resource_monitor": self._monitor_resources,
+            "state_check": self._state_check,
+        }
+        if self.ingestor is not None:
+            funcs["ingest"] = self._ingest
+        for name, interval in self._job_intervals().items():
+            if name in funcs:
+                self.jobs.add(name, funcs[name], interval)
+        self.jobs.start()
+
+    def _ingest(self) -> None:
+        assert self.ingestor is not None
+        with self._ingest_lock:  # the idle check scans too; never two scans at once
+            report = self.ingestor.scan()
+        if report.groups_pending:
+            self.wake.set()
+
+    def _reap(self) -> None:
+        reaped = self.leases.reap(crash_budget=self.cfg.retry.crash_budget)
+        if reaped:
+            self.summary.reaped += reaped
+            self.wake.set()
+
+    def _expire_waiting(self) -> None:
+        with self.db.transaction() as s:
+            expired = calibration.expire_waiting(s, self.cfg, self.leases.now(s), self.leases.actor)
+        for group_id in expired:
+            log.warning("calibration.wait_expired", group_id=group_id)
+
+    def _monitor_resources(self) -> None:
+        reading = self.admission.probe.read(self.cfg)
+        self.admission.last = reading
+        if self.admission.paused():
+            self.wake.set()  # a paused stage may fit again: let the loop look
+
+    def _state_check(self) -> None:
+        """Report (never repair) what the database and the disk disagree on that the
+        reaper does not already handle: staging areas no running attempt owns."""
+        staging = self.cfg.path("staging")
+        if not staging.is_dir():
+            return
+        with self.db.transaction() as s:
+            live = {
+                (a.group_id, f"{a.stage}-t{a.fencing_token}")
+                for a in s.scalars(select(StageAttempt).where(StageAttempt.outcome == "running"))
+            }
+        orphans = [
+            str(area)
+            for group_dir in staging.iterdir()
+            if group_dir.is_dir()
+            for area in group_dir.iterdir()
+            if (group_dir.name, area.name) not in live
+        ]
+        if orphans:
+            log.warning("state_check.orphan_staging", count=len(orphans), paths=orphans[:20])
+
+    # Liveness, status, health -----------------------------------------------------------
+    def _heartbeat_row(self) -> None:
+        if time.monotonic() - self._row_written_at >= self.cfg.daemon.heartbeat_row_s:
+            self._write_row(self._state)
+
+    def _write_row(self, state: str) -> None:
+        with self.db.transaction() as s:
+            now = database_now(s)
+            self._waiting = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Group)
+                    .where(Group.state.in_((State.PENDING.value, State.RETRY_WAIT.value)))
+                )
+                or 0
+            )
+            row = s.get(DaemonRecord, str(self.owner))
+            status = self._status_dict()
+            if row is None:
+                s.add(
+                    DaemonRecord(
+                        owner=str(self.owner),
+                        node=self.owner.node,
+                        pid=self.owner.pid,
+                        version=__version__,
+                        started_at=now,
+                        heartbeat_at=now,
+                        state=state,
+                        status=status,
+                    )
+                )
+            else:
+                row.heartbeat_at, row.state, row.status = now, state, status
+        self._row_written_at = time.monotonic()
+
+    def _status_dict(self) -> dict[str, object]:
+        with self._lock:
+            in_flight = [
+                {
+                    "group_id": item.claim.group_id,
+                    "stage": item.claim.stage,
+                    "attempt": item.claim.attempt,
+                    "seconds": round(time.monotonic() - item.started, 1),
+                }
+                for item in self.running.values()
+            ]
+        return {
+            "in_flight": in_flight,
+            "waiting_to_run": self._waiting,
+            "paused": self.admission.paused(),
+            "listen": self.listener.address if self.listener else None,
+        }
+
+    def _status_text(self) -> str:
+        with self._lock:
+            flying = ", ".join(f"{i.claim.stage} {i.claim.group_id}" for i in self.running.values())
+        paused = self.admission.paused()
+        text = (
+            f"{self._state}; in flight {len(self.running)}/{self.cfg.daemon.max_parallel}"
+            f"; {self._waiting} waiting to run"
+        )
+        if flying:
+            text += f" ({flying})"
+        if paused:
+            text += "; paused " + "; ".join(f"{k}: {v[0]}" for k, v in paused.items())
+        return text
+
+    def _update_status(self) -> None:
+        text = self._status_text()
+        if text != self._last_status:
+            self._last_status = text
+            self.notifier.status(text)
+
+    def _on_pause_change(self, stage: str, reasons: list[str]) -> None:
+        kinds = {r.split(":", 1)[0] for r in reasons}
+        for resource in metrics.RESOURCE_RESOURCES:
+            metrics.INTAKE_PAUSED.labels(stage, resource).set(1 if resource in kinds else 0)
+
+    def live_loop(self) -> health.LiveLoop:
+        return health.LiveLoop(
+            seconds_since_progress=time.monotonic() - self._progress_at,
+            paused=self.admission.paused(),
+            in_flight=len(self.running),
+            state=self._state,
+        )
+
+    def health_report(self) -> dict[str, object]:
+        return health.report(self.cfg, self.db, self.live_loop())
+
+    def _start_watchdog(self) -> threading.Thread | None:
+        """Ping systemd's watchdog only while the loop makes progress (module docstring)."""
+        interval = self.notifier.watchdog_interval_s
+        if interval <= 0:
+            return None
+        limit = self.notifier.watchdog_usec / 1e6
+
+        def ping() -> None:
+            while self._state != "stopped":
+                if time.monotonic() - self._progress_at < limit:
+                    self.notifier.watchdog()
+                else:
+                    log.error(
+                        "watchdog.withheld",
+                        seconds_since_progress=round(time.monotonic() - self._progress_at, 1),
+                    )
+                time.sleep(interval)
+
+        thread = threading.Thread(target=ping, name="watchdog", daemon=True)
+        thread.start()
+        return thread
+
+    # Idle -------------------------------------------------------------------------------
     def _work_remains(self) -> bool:
-        """Anything runnable, running or waiting to retry (ingest settling counts too)."""
-        if self.ingestor is not None and self.ingestor.run_once().settling:
-            return True
+        """Anything runnable, running or waiting to retry (ingest settling counts too).
+        Runs the housekeeping jobs first, so that an idle decision is never stale."""
+        if self.ingestor is not None:
+            with self._ingest_lock:
+                settling = self.ingestor.run_once().settling
+            if settling:
+                return True
+        self.jobs.run_now("reaper")
+        self.jobs.run_now("calibration_expiry")
         with self.db.transaction() as s:
             active = s.scalar(
                 select(func.count()).select_from(Group).where(Group.state.in_(ACTIVE_STATES))
@@ -189,7 +652,7 @@ class Daemon:
 
     def _idle_wait_s(self) -> float:
         """Sleep until the next retry is due, but at most the idle poll period."""
-        wait = self.cfg.daemon.idle_poll_s
+        wait = min(self.cfg.daemon.idle_poll_s, self.cfg.daemon.heartbeat_row_s)
         with self.db.transaction() as s:
             due = s.scalar(
                 select(func.min(Group.next_attempt_at)).where(Group.state == State.RETRY_WAIT.value)
@@ -198,3 +661,20 @@ class Daemon:
         if due is not None:
             wait = min(wait, max(0.05, (due - now).total_seconds()))
         return wait
+
+
+def _get(cfg: Config, dotted: str) -> object:
+    value: object = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "params":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

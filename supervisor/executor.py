@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import random
 import shutil
@@ -99,7 +100,9 @@ class StageExecutor:
         outcome = run_worker(
             worker_command(python, stage_cfg.module, paths.request),
             cwd=paths.workdir,
-            env=worker_environment(casa_environment(site), mark=str(paths.workdir)),
+            env=worker_environment(
+                casa_environment(site), mark=str(paths.workdir), correlation_id=claim.correlation_id
+            ),
             result_path=paths.result,
             timeout_s=stage_cfg.timeout_s,
             grace_s=self.cfg.daemon.term_grace_s,
@@ -251,6 +254,18 @@ class StageExecutor:
                     attempt_id, "abandoned", outcome, None, message="lost the claim before commit"
                 )
                 return "lost"
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The disk filled while the outputs were moved into place: nothing was
+                # registered (the move was undone); retried like any ENOSPC.
+                evidence = Evidence(
+                    outcome="error",
+                    stage=claim.stage,
+                    exception_type="OSError",
+                    message=f"publishing the outputs failed: {exc} (errno = 28, ENOSPC)",
+                    returncode=outcome.returncode,
+                )
         failure = self.classifier.classify(evidence)
         return self._apply_failure(claim, attempt_id, outcome, evidence, failure, bound)
 
@@ -591,7 +606,13 @@ def publish(staged: Path, final_dir: Path) -> Published:
             raise
         tmp = final_dir.with_name(f".{final_dir.name}.incoming")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(staged, tmp, symlinks=True)
+        try:
+            shutil.copytree(staged, tmp, symlinks=True)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a torn copy behind
+            if previous is not None:
+                previous.rename(final_dir)
+            raise
         tmp.rename(final_dir)
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True, exist_ok=True)  # so that undo() has somewhere to go

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import psutil
 import structlog
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from supervisor.db import Database, is_sqlite
 from supervisor.errors import Category, Failure
-from supervisor.models import Group, StageAttempt
+from supervisor.models import Group, StageAttempt, SubbandFile
 from supervisor.states import Actor, State, transition
 
 log = structlog.get_logger(__name__)
@@ -109,8 +109,19 @@ class Leases:
     def now(self, session: Session) -> datetime:
         return self._clock() if self._clock is not None else database_now(session)
 
-    def claim_next(self) -> Claim | None:
-        """Claim the next runnable group, or return None when there is none."""
+    def claim_next(
+        self,
+        stages: Collection[str] | None = None,
+        admit: Callable[[Group, int], list[str]] | None = None,
+        scan_limit: int = 32,
+    ) -> Claim | None:
+        """Claim the next runnable group, or return None when there is none.
+
+        ``stages``: only groups whose next stage is one of these (slots free). ``admit``:
+        called with a candidate and its UVH5 input bytes, returns why it cannot start now;
+        a refused candidate's stage is passed over for this claim (intake paused) while other
+        stages may still be claimed. Order: calibrator groups first, then observation time.
+        """
         with self.db.transaction() as s:
             now = self.now(s)
             query = (
@@ -122,11 +133,22 @@ class Leases:
                     )
                 )
                 .order_by(Group.priority, Group.obs_start)
-                .limit(1)
+                .limit(scan_limit)
             )
+            if stages is not None:
+                query = query.where(Group.stage.in_(list(stages)))
             if not is_sqlite(self.db.engine):
                 query = query.with_for_update(skip_locked=True)
-            group = s.scalars(query).first()
+            refused: set[str] = set()
+            group = None
+            for candidate in s.scalars(query):
+                if candidate.stage in refused:
+                    continue
+                if admit is not None and admit(candidate, input_bytes(s, candidate.group_id)):
+                    refused.add(candidate.stage or "")
+                    continue
+                group = candidate
+                break
             if group is None:
                 return None
             token = group.fencing_token + 1
@@ -247,3 +269,13 @@ class Leases:
             attempt.outcome = "abandoned"
             attempt.finished_at = now
             attempt.error_message = why
+
+
+def input_bytes(s: Session, group_id: str) -> int:
+    """The group's UVH5 input: the bytes of its ready subband files."""
+    total = s.scalar(
+        select(func.coalesce(func.sum(SubbandFile.size_bytes), 0)).where(
+            SubbandFile.group_id == group_id, SubbandFile.status == "ready"
+        )
+    )
+    return int(total or 0)

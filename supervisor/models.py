@@ -261,3 +261,20 @@ class CalibrationTable(Base):
     calibration_set: Mapped[CalibrationSet] = relationship(back_populates="tables")
 
     __table_args__ = (UniqueConstraint("set_id", "kind"),)
+
+
+class DaemonRecord(Base):
+    """One daemon process (node, pid, start time): its lifecycle state and the moment its
+    scheduling loop last proved it was alive (a database write), with a status snapshot
+    (attempts in flight, paused intake). Read by ``health`` and ``status``."""
+
+    __tablename__ = "daemons"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)  # node:pid:start
+    node: Mapped[str] = mapped_column(String(128), index=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    state: Mapped[str] = mapped_column(String(16))  # starting / running / draining / stopped
+    status: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -28,6 +28,7 @@ import psutil
 STAGES_ROOT = Path(str(importlib.util.find_spec("stages").origin)).parent.parent  # type: ignore[union-attr]
 
 ATTEMPT_MARK_ENV = "CONTIMG_ATTEMPT_MARK"
+CORRELATION_ENV = "CONTIMG_CORRELATION_ID"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +81,19 @@ def worker_command(python: str, module: str, request_path: Path) -> list[str]:
     return [python, "-m", module, "--request", str(request_path)]
 
 
-def worker_environment(base: dict[str, str], mark: str) -> dict[str, str]:
-    """Make the project's ``stages`` package importable by any casa6 interpreter, and mark
-    every process of this attempt with ``mark`` (unique per attempt)."""
+def worker_environment(
+    base: dict[str, str], mark: str, correlation_id: str | None = None
+) -> dict[str, str]:
+    """Make the project's ``stages`` package importable by any casa6 interpreter, mark
+    every process of this attempt with ``mark`` (unique per attempt), and hand down the
+    group's correlation id (``CONTIMG_CORRELATION_ID``)."""
     env = dict(base)
     env[ATTEMPT_MARK_ENV] = mark
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STAGES_ROOT), env.get("PYTHONPATH", "")) if p)
+    if correlation_id:
+        env[CORRELATION_ENV] = correlation_id
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(STAGES_ROOT), env.get("PYTHONPATH", "")) if p
+    )
     return env
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from supervisor.db import Database
-from supervisor.models import Group, SubbandFile, Transition
+from supervisor.models import DaemonRecord, Group, SubbandFile, Transition
 from supervisor.states import State
 
 
@@ -57,8 +57,24 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
             .order_by(Transition.id.desc())
             .limit(10)
         ).all()
+        daemons = s.scalars(
+            select(DaemonRecord)
+            .where(DaemonRecord.state != "stopped")
+            .order_by(DaemonRecord.started_at.desc())
+            .limit(10)
+        ).all()
         return {
             "states": {state.value: int(counts.get(state.value, 0)) for state in State},
+            "daemons": [
+                {
+                    "owner": d.owner,
+                    "state": d.state,
+                    "heartbeat_at": d.heartbeat_at.isoformat(),
+                    "in_flight": len((d.status or {}).get("in_flight", [])),
+                    "paused": (d.status or {}).get("paused", {}),
+                }
+                for d in daemons
+            ],
             "groups": [group_summary(g, ready_counts.get(g.group_id, 0)) for g in newest],
             "in_flight": [
                 {

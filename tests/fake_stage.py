@@ -72,6 +72,9 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
     if behaviour == "succeed" or behaviour == "slow_success":
         if behaviour == "slow_success":
             time.sleep(float(params.get("seconds", 1.0)))
+        plan = request.get("calibration_plan") or {}
+        if plan.get("mode") == "solve":
+            time.sleep(float(params.get("solve_seconds", 0.0)))
         marker.write_text(f"{request['group_id']} {request['stage']} attempt {request['attempt']}")
         return {
             "artifacts": [{"path": marker.name, "kind": f"{request['stage']}_output"}],

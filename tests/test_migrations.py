@@ -22,6 +22,7 @@ TABLES = {
     "quality_assessments",
     "calibration_sets",
     "calibration_tables",
+    "daemons",
     "alembic_version",
 }
 
@@ -101,9 +102,7 @@ def test_foreign_keys_are_enforced(db: Database) -> None:
         )
 
 
-def test_0002_recomputes_integrations_that_0001_stored_as_nblts(
-    cfg: Config, night: object
-) -> None:
+def test_0002_recomputes_integrations_that_0001_stored_as_nblts(cfg: Config, night: object) -> None:
     """Rows written before 0002 hold Nblts in ``ntimes``; the migration re-reads the file
     (read-only) and stores the integrations and the span, and clears what it cannot read."""
     from datetime import UTC, datetime

@@ -1,0 +1,165 @@
+"""The health report, the same for ``contimg-supervisor health`` and ``GET /healthz``:
+scheduling-loop liveness, database writable, disk and tmpfs headroom, paused intake, time
+since the last good calibration, and the backlog (oldest runnable group) against the 309 s
+cadence. Each check is ok, degraded or unhealthy; the report is the worst of them
+(exit codes 0, 1, 2).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from supervisor.config import Config
+from supervisor.db import Database
+from supervisor.leases import database_now
+from supervisor.models import CalibrationSet, DaemonRecord, Group
+from supervisor.resources import GB, existing_ancestor
+from supervisor.states import State
+
+CADENCE_S = 309.0
+LEVELS = {"ok": 0, "degraded": 1, "unhealthy": 2}
+RUNNABLE = (State.PENDING.value, State.RETRY_WAIT.value, State.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok / degraded / unhealthy
+    detail: str
+    value: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "detail": self.detail,
+            "value": self.value,
+        }
+
+
+@dataclass(frozen=True)
+class LiveLoop:
+    """What a running daemon knows of itself (the HTTP endpoint passes it)."""
+
+    seconds_since_progress: float
+    paused: dict[str, list[str]]
+    in_flight: int
+    state: str
+
+
+def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str, Any]:
+    node = cfg.daemon.node_name or socket.gethostname()
+    checks: list[Check] = []
+    now: datetime | None = None
+    try:
+        with db.transaction() as s:
+            now = database_now(s)
+            # A write that changes nothing: proves the database takes writes (locks, disk).
+            s.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        checks.append(Check("database", "ok", "writable"))
+    except Exception as exc:  # noqa: BLE001 - the report must say what is wrong
+        checks.append(Check("database", "unhealthy", f"not writable: {type(exc).__name__}: {exc}"))
+    record = None
+    if now is not None:
+        with db.transaction() as s:
+            record = s.scalars(
+                select(DaemonRecord)
+                .where(DaemonRecord.node == node)
+                .order_by(DaemonRecord.started_at.desc())
+            ).first()
+            checks.append(_backlog(cfg, s, now))
+            checks.append(_calibration(cfg, s, now))
+    checks.append(_loop(cfg, live, record, now, node))
+    checks.append(_intake(live, record))
+    checks += _disk(cfg)
+    worst = max((c.status for c in checks), key=LEVELS.__getitem__)
+    return {
+        "status": worst,
+        "node": node,
+        "at": now.isoformat() if now else None,
+        "checks": [c.as_dict() for c in checks],
+    }
+
+
+def exit_code(rep: dict[str, Any]) -> int:
+    return LEVELS[rep["status"]]
+
+
+def _loop(
+    cfg: Config,
+    live: LiveLoop | None,
+    record: DaemonRecord | None,
+    now: datetime | None,
+    node: str,
+) -> Check:
+    limit = cfg.health.loop_stale_s
+    if live is not None:
+        age, state = live.seconds_since_progress, live.state
+    elif record is None or now is None:
+        return Check("loop", "unhealthy", f"no daemon has recorded itself on node {node}")
+    else:
+        age, state = (now - record.heartbeat_at).total_seconds(), record.state
+        if state == "stopped":
+            return Check("loop", "unhealthy", f"daemon {record.owner} stopped", age)
+    status = "ok" if age <= limit else "unhealthy"
+    return Check("loop", status, f"{state}; last progress {age:.1f} s ago (limit {limit:g} s)", age)
+
+
+def _intake(live: LiveLoop | None, record: DaemonRecord | None) -> Check:
+    paused = live.paused if live is not None else ((record.status or {}).get("paused") or {})
+    if not paused:
+        return Check("intake", "ok", "no stage paused")
+    text_ = "; ".join(f"{stage}: {', '.join(reasons)}" for stage, reasons in paused.items())
+    return Check("intake", "degraded", f"paused {text_}", float(len(paused)))
+
+
+def _disk(cfg: Config) -> list[Check]:
+
+    out = []
+    floor = cfg.resources.min_free_disk_gb
+    free = shutil.disk_usage(existing_ancestor(cfg.path("products"))).free / GB
+    status = "ok" if free >= 2 * floor else ("degraded" if free >= floor else "unhealthy")
+    out.append(Check("disk", status, f"{free:.1f} GB free on {cfg.path('products')}", free))
+    if cfg.paths.tmpfs_staging:
+        tfree = shutil.disk_usage(existing_ancestor(cfg.path("tmpfs_staging"))).free / GB
+        # Short tmpfs only means conversion stages on disk (slower): degraded at worst.
+        status = "ok" if tfree >= 1.0 else "degraded"
+        out.append(Check("tmpfs", status, f"{tfree:.1f} GB free on tmpfs staging", tfree))
+    return out
+
+
+def _backlog(cfg: Config, s: Any, now: datetime) -> Check:
+    oldest = s.scalar(select(func.min(Group.first_seen_at)).where(Group.state.in_(RUNNABLE)))
+    if oldest is None:
+        return Check("backlog", "ok", "nothing waiting", 0.0)
+    age = (now - oldest).total_seconds()
+    h = cfg.health
+    status = (
+        "ok" if age <= h.backlog_warn_s else "degraded" if age <= h.backlog_fail_s else "unhealthy"
+    )
+    return Check(
+        "backlog",
+        status,
+        f"oldest runnable group seen {age:.0f} s ago ({age / CADENCE_S:.1f} cadences of 309 s)",
+        age,
+    )
+
+
+def _calibration(cfg: Config, s: Any, now: datetime) -> Check:
+    newest = s.scalar(
+        select(func.max(CalibrationSet.created_at)).where(CalibrationSet.status == "valid")
+    )
+    if newest is None:
+        any_group = s.scalar(select(func.count()).select_from(Group))
+        if not any_group:
+            return Check("calibration", "ok", "no groups yet")
+        return Check("calibration", "degraded", "no calibration set has been registered")
+    hours = (now - newest).total_seconds() / 3600.0
+    status = "ok" if hours <= cfg.health.calibration_warn_h else "degraded"
+    return Check("calibration", status, f"last good calibration {hours:.1f} h ago", hours * 3600)
