@@ -198,9 +198,15 @@ class Leases:
         """Return running groups whose lease expired (or whose owner provably died on this
         node) to their checkpoint: ``pending`` at the stage that was running, which never
         committed. The fencing token moves on, so the old owner can no longer write.
-        A group reaped more than ``crash_budget`` times in a row is failed instead.
+
+        A daemon's death (restart, watchdog, operator, a crash of its own) is not the
+        group's fault and costs it nothing. Only evidence that the attempt took the node
+        down counts against its crash budget: its owner ran on this node and started before
+        the node's last boot (the node restarted while the group was running). A group that
+        did that more than ``crash_budget`` times in a row is failed.
         """
         reaped = []
+        boot_time = psutil.boot_time()
         with self.db.transaction() as s:
             now = self.now(s)
             running = s.scalars(select(Group).where(Group.state == State.RUNNING.value)).all()
@@ -212,9 +218,15 @@ class Leases:
                     continue  # never while the owner is provably alive on this node
                 if not (dead_here or (expired and not only_dead_here)):
                     continue
-                why = "owner process died" if dead_here else "lease expired"
+                node_restarted = dead_here and owner is not None and owner.start_time < boot_time
+                if node_restarted:
+                    why = "the node restarted while this stage ran"
+                elif dead_here:
+                    why = "owner process died"
+                else:
+                    why = "lease expired"
                 self._abandon_attempts(s, group, now, why)
-                crashes = group.crash_count + 1
+                crashes = group.crash_count + (1 if node_restarted else 0)
                 fields = {
                     "fencing_token": group.fencing_token + 1,
                     "lease_owner": None,
@@ -222,12 +234,18 @@ class Leases:
                     "crash_count": crashes,
                 }
                 message = f"{why} (owner {group.lease_owner}); back to checkpoint {group.stage}"
+                if node_restarted:
+                    message += f" [counts against the crash budget: {crashes} of {crash_budget}]"
+                else:
+                    message += " [not the group's fault: no crash counted]"
                 if crashes > crash_budget:
                     failure = Failure(
                         Category.FATAL,
                         "abandoned_too_often",
-                        f"{message}; abandoned {crashes} times (crash budget {crash_budget})",
-                        "the stage keeps killing its supervisor (memory?): inspect, then retry",
+                        f"{message}; the node restarted {crashes} times while this stage ran "
+                        f"(crash budget {crash_budget})",
+                        "the stage may be taking the node down (memory?): inspect the "
+                        "attempt's logs and the node's journal, then `retry` the group",
                     )
                     transition(
                         s,
@@ -253,6 +271,7 @@ class Leases:
                     group_id=group.group_id,
                     stage=group.stage,
                     reason=why,
+                    counted=node_restarted,
                     owner=owner and str(owner),
                     correlation_id=group.correlation_id,
                 )

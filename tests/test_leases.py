@@ -58,7 +58,7 @@ def test_reaper_returns_expired_claims_to_their_checkpoint(db: Database, clock: 
     clock.advance(2)
     assert local.reap(crash_budget=2) == [GID]
     g = group(db)
-    assert (g.state, g.stage, g.crash_count) == ("pending", "preflight", 1)
+    assert (g.state, g.stage, g.crash_count) == ("pending", "preflight", 0)
     assert g.fencing_token == claim.fencing_token + 1
     assert not remote.heartbeat(claim)  # the old owner learns it lost the claim
 
@@ -80,15 +80,35 @@ def test_dead_owner_on_this_node_is_reaped_without_waiting(db: Database, clock: 
     assert me.reap(crash_budget=2, only_dead_here=True) == [GID]
 
 
-def test_a_group_abandoned_too_often_fails(db: Database, clock: FakeClock) -> None:
+def test_a_dying_daemon_never_costs_its_groups_anything(db: Database, clock: FakeClock) -> None:
+    """Daemons killed again and again (restart, watchdog, operator): the group goes back to
+    its checkpoint every time and its crash count stays 0."""
+    import psutil
+
     add_pending_group(db, GID)
-    me = Leases(db, Owner.this_process("here"), lease_s=10, clock=clock)
-    for _ in range(2):
-        Leases(db, other_node_owner(), lease_s=10, clock=clock).claim_next()
-        clock.advance(11)
-        me.reap(crash_budget=1)
+    me = Leases(db, Owner.this_process("here"), lease_s=600, clock=clock)
+    after_boot = psutil.boot_time() + 10.0
+    for pid in range(999_000, 999_010):
+        Leases(db, Owner("here", pid, after_boot), lease_s=600, clock=clock).claim_next()
+        assert me.reap(crash_budget=1, only_dead_here=True) == [GID]
+    g = group(db)
+    assert (g.state, g.crash_count) == ("pending", 0)
+    assert "no crash counted" in g.state_reason
+
+
+def test_a_group_running_while_the_node_restarts_too_often_fails(
+    db: Database, clock: FakeClock
+) -> None:
+    """The owner started before the node's last boot: the node went down under this stage.
+    That is evidence against the group, and it has a budget."""
+    add_pending_group(db, GID)
+    me = Leases(db, Owner.this_process("here"), lease_s=600, clock=clock)
+    for pid in (999_001, 999_002):
+        Leases(db, Owner("here", pid, 12.0), lease_s=600, clock=clock).claim_next()
+        me.reap(crash_budget=1, only_dead_here=True)
     g = group(db)
     assert (g.state, g.error_code) == ("failed", "abandoned_too_often")
+    assert "node restarted 2 times" in g.state_reason
 
 
 def test_concurrent_claimers_never_share_a_group(db: Database) -> None:
