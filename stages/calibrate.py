@@ -9,7 +9,6 @@ output directory; the image stage only runs after this stage committed.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import committed_ms, inspect_ms
-from stages.protocol import StageFailure, casa_log_lines, run
+from stages.protocol import StageFailure, casa_log_lines, run, write_json_atomic
 
 UNSOLVED_RE = re.compile(r"could not be (solved|corrected)")
 PB_FWHM_FACTOR = 1.03  # Airy main lobe: FWHM = 1.03 lambda / D
@@ -99,7 +98,7 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
         **corrected,
         **{k: round(v, 3) for k, v in timings.items()},
     }
-    (out / "calibration.json").write_text(json.dumps(metrics, indent=1, default=str))
+    write_json_atomic(out / "calibration.json", metrics)
     artifacts = [{"path": p.name, "kind": f"caltable_{k}"} for k, p in tables.items()]
     artifacts += [
         {"path": "model.cl", "kind": "model_componentlist"},
@@ -277,7 +276,7 @@ def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict
         "apply_s": round(time.monotonic() - t, 3),
         **corrected,
     }
-    (out / "calibration.json").write_text(json.dumps({**metrics, "tables": tables}, indent=1))
+    write_json_atomic(out / "calibration.json", {**metrics, "tables": tables})
     return {
         "artifacts": [{"path": "calibration.json", "kind": "calibration_report"}],
         "metrics": metrics,

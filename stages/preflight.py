@@ -3,7 +3,6 @@ plan, and there is room (disk, optionally tmpfs) for the products they will beco
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from stages.common import (
     ordered_subband_files,
     quiet_astropy,
 )
-from stages.protocol import StageFailure, run
+from stages.protocol import StageFailure, run, write_json_atomic
 
 MS_SIZE_FACTOR = 2.5  # MS with MODEL_DATA and CORRECTED_DATA ~ 2.5 x the UVH5 bytes
 DISK_MARGIN = 1.2  # +20 %
@@ -86,7 +85,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         "telescope_name": first.telescope.name,
     }
     out = Path(request["output_dir"])
-    (out / "preflight.json").write_text(json.dumps(plan, indent=1))
+    write_json_atomic(out / "preflight.json", plan)
     return {"artifacts": [{"path": "preflight.json", "kind": "preflight_report"}], "metrics": plan}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -35,11 +36,28 @@ class StageFailure(Exception):
         self.hint = hint
 
 
+def finite_or_null(value: Any, path: str = "", found: list[str] | None = None) -> Any:
+    """``value`` with every NaN/Inf float replaced by None (strict JSON has neither);
+    the dotted paths of what was replaced are appended to ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found.append(path or "<value>")
+        return None
+    if isinstance(value, dict):
+        return {
+            k: finite_or_null(v, f"{path}.{k}" if path else str(k), found) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` so that a reader sees all of it or nothing."""
+    """Write ``payload`` to ``path`` as strict JSON (non-finite numbers become null) so
+    that a reader sees all of it or nothing."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as fh:
-        json.dump(payload, fh, indent=1, default=str)
+        json.dump(finite_or_null(payload), fh, indent=1, default=str, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -86,6 +104,10 @@ def run(stage: Callable[[dict[str, Any]], dict[str, Any]]) -> NoReturn:
         "CONTIMG_CORRELATION_ID"
     )
     record["log_lines"] = casa_log_lines(request.get("casa_log"))
+    nonfinite: list[str] = []
+    record = finite_or_null(record, "", nonfinite)
+    if nonfinite:
+        record["nonfinite_replaced_by_null"] = nonfinite
     try:
         write_json_atomic(result_path, record)
     except BaseException:  # noqa: BLE001

@@ -3,12 +3,11 @@ the manifest (paths, sizes, QA) that the supervisor commits together with ``comp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from stages.common import dir_bytes
-from stages.protocol import StageFailure, run
+from stages.protocol import StageFailure, run, write_json_atomic
 
 REQUIRED_KINDS = ("ms", "image_fits", "image_png")
 
@@ -35,7 +34,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         "qa": request.get("upstream_metrics", {}),
     }
     out = Path(request["output_dir"]) / "manifest.json"
-    out.write_text(json.dumps(manifest, indent=1, default=str))
+    write_json_atomic(out, manifest)
     return {
         "artifacts": [{"path": "manifest.json", "kind": "manifest"}],
         "metrics": {

@@ -122,6 +122,7 @@ class GatesConfig:
     rms_over_theory_fail: float = _field(5.0, min=0)
     calibrator_flux_error_warn: float = _field(0.10, min=0)
     calibrator_flux_error_fail: float = _field(0.20, min=0)
+    beam_axis_ratio_warn: float = _field(3.0, min=1, help="restoring beam major/minor")
     convert_on_fail: str = _field("validation", choices=("validation", "recoverable", "fatal"))
     calibrate_on_fail: str = _field("recoverable", choices=("validation", "recoverable", "fatal"))
     image_on_fail: str = _field("validation", choices=("validation", "recoverable", "fatal"))

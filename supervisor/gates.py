@@ -172,6 +172,18 @@ def evaluate(stage: str, metrics: dict[str, Any], g: GatesConfig) -> GateResult 
                 f"<= {g.rms_over_theory_warn} pass, > {g.rms_over_theory_fail} fails",
             )
         ]
+        ratio_ab = metrics.get("beam_axis_ratio")
+        if ratio_ab is not None:
+            # An elongated beam (the N-S arm flagged or down) is a quality problem to see,
+            # not a reason to throw the image away: warn, never fail.
+            scores.append(
+                _score(
+                    "beam_axis_ratio",
+                    ratio_ab,
+                    1.0 if _num(ratio_ab) <= g.beam_axis_ratio_warn else 0.5,
+                    f"<= {g.beam_axis_ratio_warn} pass, above warns (never fails)",
+                )
+            )
         if metrics.get("calibrator_flux_ratio") is not None:
             err = abs(_num(metrics["calibrator_flux_ratio"]) - 1.0)
             scores.append(

@@ -75,3 +75,29 @@ def test_a_missing_metric_fails_rather_than_passes() -> None:
 
 def test_ungated_stages() -> None:
     assert evaluate("preflight", {}, G) is None and evaluate("register", {}, G) is None
+
+
+def test_an_elongated_beam_warns_with_its_numbers_and_never_fails() -> None:
+    base = {"rms_over_theory": 1.0}
+    assert evaluate("image", {**base, "beam_axis_ratio": 1.4}, G).verdict == "pass"
+    colinear = evaluate("image", {**base, "beam_axis_ratio": 209.3}, G)
+    assert colinear.verdict == "warn" and not colinear.failed
+    assert "beam_axis_ratio" in colinear.summary() and "=209 " in colinear.summary()
+
+
+def test_qa_mask_dilation_is_exact_and_bounded_for_any_beam() -> None:
+    """The co-linear array of issue 10: a 98 360" beam on 53" cells asked for a structuring
+    element of ~1850 px radius (MemoryError). The distance transform gives the same disc
+    and costs only the image."""
+    import numpy as np
+    from scipy.ndimage import binary_dilation
+
+    from stages.image import _dilate
+
+    mask = np.zeros((96, 96), bool)
+    mask[40, 50] = mask[10, 10] = True
+    y, x = np.ogrid[-5:6, -5:6]
+    assert (_dilate(mask, 5) == binary_dilation(mask, structure=(x * x + y * y) <= 25)).all()
+    big = np.zeros((1024, 1024), bool)
+    big[3, 3] = True
+    assert _dilate(big, 1850).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -225,3 +226,24 @@ def test_a_missing_calibration_table_is_recoverable_not_unclassified() -> None:
         )
     )
     assert (failure.category, failure.code) == (Category.RECOVERABLE, "missing_caltable")
+
+
+def test_worker_reports_are_strict_json(tmp_path) -> None:  # noqa: ANN001
+    """NaN and Inf become null (strict JSON readers reject them) and are listed."""
+    import json
+
+    from stages.protocol import finite_or_null, write_json_atomic
+
+    found: list[str] = []
+    clean = finite_or_null(
+        {"gain_phase_scatter_deg": math.nan, "x": [1.0, math.inf], "ok": 2.5}, "", found
+    )
+    assert clean == {"gain_phase_scatter_deg": None, "x": [1.0, None], "ok": 2.5}
+    assert found == ["gain_phase_scatter_deg", "x[1]"]
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"m": {"dr": -math.inf}})
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-strict JSON token {token}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"m": {"dr": None}}
