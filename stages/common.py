@@ -31,8 +31,9 @@ def quiet_astropy() -> None:
     iers.conf.auto_max_age = None
 
 
-def ordered_subband_files(request: dict[str, Any]) -> list[str]:
-    """The group's files in ascending frequency order (sb15 ... sb00); all 16 required."""
+def ordered_subband_files(request: dict[str, Any], *, skip: set[int] = frozenset()) -> list[str]:
+    """The group's files in ascending frequency order (sb15 ... sb00); all 16 required
+    (``skip``: subbands preflight dropped for damage, left out of the result)."""
     files = {int(k): v for k, v in request["subband_files"].items()}
     missing = sorted(set(range(N_SUBBANDS)) - set(files))
     if missing:
@@ -43,7 +44,7 @@ def ordered_subband_files(request: dict[str, Any]) -> list[str]:
             + ", ".join(f"sb{m:02d}" for m in missing),
             "the group cannot be converted without every subband",
         )
-    return [files[sb] for sb in sorted(files, reverse=True)]
+    return [files[sb] for sb in sorted(files, reverse=True) if sb not in skip]
 
 
 def committed_ms(request: dict[str, Any]) -> Path:

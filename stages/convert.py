@@ -29,10 +29,13 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    files = ordered_subband_files(request)
+    preflight = request.get("upstream_metrics", {}).get("preflight", {})
+    dropped = preflight.get("dropped_subbands") or {}
+    files = ordered_subband_files(request, skip={int(sb) for sb in dropped})
     uvd = UVData()
     uvd.read(files, file_type="uvh5", axis="freq")
     timings["read_s"] = time.monotonic() - t0
+    nonfinite_flagged = _flag_nonfinite(uvd)
     rephased = _phase_to_meridian(uvd)
     uvd.reorder_freqs(channel_order="freq")
     uvd.channel_width = np.abs(uvd.channel_width)
@@ -74,9 +77,24 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         "ms_bytes": dir_bytes(ms),
         "staged_in": "tmpfs" if staging != out else "disk",
         "rephased_to_meridian": rephased,
+        "subbands_used": len(files),
+        "dropped_subbands": {sb: d.get("reason") for sb, d in dropped.items()},
+        "nonfinite_flagged": nonfinite_flagged,
         **{k: round(v, 3) for k, v in timings.items()},
     }
     return {"artifacts": [{"path": name, "kind": "ms"}], "metrics": metrics}
+
+
+def _flag_nonfinite(uvd: Any) -> int:
+    """Flag (and zero) NaN/Inf visibilities or weights: CASA would carry them into every
+    sum. Returns how many samples were flagged (preflight named their files)."""
+    bad = ~np.isfinite(uvd.data_array) | ~np.isfinite(uvd.nsample_array)
+    count = int(np.count_nonzero(bad))
+    if count:
+        uvd.data_array[bad] = 0
+        uvd.nsample_array[bad] = 0
+        uvd.flag_array[bad] = True
+    return count
 
 
 def _phase_to_meridian(uvd: Any) -> bool:

@@ -51,6 +51,9 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
             "subband files of one group disagree; inspect the correlator output",
         )
 
+    screen = {os.path.basename(p)[-7:-5]: screen_subband(p) for p in files}
+    kept, dropped, to_flag = _decide_subbands(files, screen, request.get("gates") or {})
+
     input_bytes = sum(os.path.getsize(p) for p in files)
     estimate = int(input_bytes * MS_SIZE_FACTOR)
     needed = int(estimate * DISK_MARGIN)
@@ -83,10 +86,76 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         "n_channels": int(sum(u.Nfreqs for _p, u in headers)),
         "pointing_dec_deg": float(np.degrees(first.extra_keywords["phase_center_dec"])),
         "telescope_name": first.telescope.name,
+        "subbands_used": len(kept),
+        "dropped_subbands": dropped,
+        "nonfinite_to_flag": to_flag,
     }
     out = Path(request["output_dir"])
     write_json_atomic(out / "preflight.json", plan)
     return {"artifacts": [{"path": "preflight.json", "kind": "preflight_report"}], "metrics": plan}
+
+
+def screen_subband(path: str, rows_per_chunk: int = 65536) -> dict[str, Any]:
+    """Non-finite values in one UVH5 file, read in chunks with h5py (bounded memory):
+    uvw rows, visibilities and nsamples. pyuvdata would refuse the file outright (uvw) or
+    pass NaNs into the MS (visibilities)."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        uvw = fh["Header/uvw_array"][()]
+        bad_uvw = int(np.count_nonzero(~np.isfinite(uvw).all(axis=-1)))
+        vis, nsamples = fh["Data/visdata"], fh["Data/nsamples"]
+        total = int(np.prod(vis.shape))
+        bad = 0
+        for start in range(0, vis.shape[0], rows_per_chunk):
+            block = vis[start : start + rows_per_chunk]
+            ok = np.isfinite(block) & np.isfinite(nsamples[start : start + rows_per_chunk])
+            bad += int(block.size - np.count_nonzero(ok))
+    return {
+        "file": path,
+        "nonfinite_uvw_rows": bad_uvw,
+        "uvw_rows": int(uvw.shape[0]),
+        "nonfinite_vis": bad,
+        "nonfinite_vis_fraction": bad / total if total else 0.0,
+    }
+
+
+def _decide_subbands(
+    files: list[str], screen: dict[str, dict[str, Any]], gates: dict[str, Any]
+) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Which subbands go on: a subband with non-finite uvw, or mostly non-finite data, is
+    dropped (named, with its defect); one with a few non-finite samples is kept and
+    flagged there by convert. Too few left: the group is quarantined, naming the files."""
+    drop_above = float(gates.get("subband_nonfinite_drop_fraction", 0.5))
+    min_kept = int(gates.get("min_usable_subbands", 12))
+    dropped: dict[str, dict[str, Any]] = {}
+    to_flag: dict[str, dict[str, Any]] = {}
+    for sb, found in screen.items():
+        name = os.path.basename(found["file"])
+        if found["nonfinite_uvw_rows"]:
+            dropped[sb] = {
+                **found,
+                "reason": f"{name}: {found['nonfinite_uvw_rows']} of {found['uvw_rows']} "
+                "uvw rows are not finite",
+            }
+        elif found["nonfinite_vis_fraction"] > drop_above:
+            dropped[sb] = {
+                **found,
+                "reason": f"{name}: {found['nonfinite_vis_fraction']:.1%} of the visibilities "
+                "are NaN/Inf",
+            }
+        elif found["nonfinite_vis"]:
+            to_flag[sb] = found
+    kept = [f for f in files if os.path.basename(f)[-7:-5] not in dropped]
+    if len(kept) < min_kept:
+        raise StageFailure(
+            "validation",
+            "damaged_subbands",
+            f"only {len(kept)} of {len(files)} subbands usable (at least {min_kept} needed): "
+            + "; ".join(d["reason"] for d in dropped.values()),
+            "the raw files hold non-finite values; the group is quarantined",
+        )
+    return kept, dropped, to_flag
 
 
 def _consistency_problems(headers: list[tuple[str, Any]]) -> list[str]:

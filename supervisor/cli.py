@@ -124,6 +124,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         *_fault_list("duplicate", args.duplicate),
         *_fault_list("garbage", args.garbage),
         *_fault_list("flagged", args.flag),
+        *_fault_list("nan_vis", args.nan_vis),
+        *_fault_list("nan_some_vis", args.nan_some_vis),
+        *_fault_list("nan_uvw", args.nan_uvw),
     ]
     try:
         spec = SimulationSpec(
@@ -479,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("duplicate", "write a second file for"),
         ("garbage", "write random bytes as"),
         ("flag", "flag every visibility of"),
+        ("nan-vis", "write NaN for every visibility of"),
+        ("nan-some-vis", "write NaN/Inf for 3 % of the visibilities of"),
+        ("nan-uvw", "write non-finite uvw for a tenth of the rows of"),
     ):
         p.add_argument(
             f"--{kind}", action="append", metavar="[GROUP:]SB", help=f"fault: {what} this file"

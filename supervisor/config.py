@@ -123,6 +123,10 @@ class GatesConfig:
     calibrator_flux_error_warn: float = _field(0.10, min=0)
     calibrator_flux_error_fail: float = _field(0.20, min=0)
     beam_axis_ratio_warn: float = _field(3.0, min=1, help="restoring beam major/minor")
+    min_usable_subbands: int = _field(12, min=1, max=16, help="fewer left: quarantine")
+    subband_nonfinite_drop_fraction: float = _field(
+        0.5, min=0, max=1, help="a subband with more NaN/Inf visibilities than this is dropped"
+    )
     convert_on_fail: str = _field("validation", choices=("validation", "recoverable", "fatal"))
     calibrate_on_fail: str = _field("recoverable", choices=("validation", "recoverable", "fatal"))
     image_on_fail: str = _field("validation", choices=("validation", "recoverable", "fatal"))

@@ -40,7 +40,16 @@ N_SUBBANDS = 16
 PB_FWHM_FACTOR = 1.03  # primary beam FWHM = 1.03 lambda / D (Airy main lobe)
 
 
-FAULT_KINDS = ("drop", "truncate", "duplicate", "garbage", "flagged")
+FAULT_KINDS = (
+    "drop",
+    "truncate",
+    "duplicate",
+    "garbage",
+    "flagged",
+    "nan_vis",
+    "nan_some_vis",
+    "nan_uvw",
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,10 @@ class Fault:
 
     kind: ``drop`` (file not written), ``truncate`` (cut to half its size), ``duplicate``
     (a second file for the same subband, 5 s later in its name), ``garbage`` (random
-    bytes instead of HDF5), ``flagged`` (a valid file whose every visibility is flagged).
+    bytes instead of HDF5), ``flagged`` (a valid file whose every visibility is flagged),
+    ``nan_vis`` (every visibility NaN), ``nan_some_vis`` (2 % of the visibilities NaN, 1 %
+    +Inf), ``nan_uvw`` (non-finite uvw in a tenth of the baseline-times). The non-finite
+    values are written into the finished file with h5py (pyuvdata refuses to write them).
     """
 
     kind: str
@@ -548,6 +560,25 @@ def _apply_fault(
             fh.truncate(size // 2)
     elif fault.kind == "garbage":
         path.write_bytes(rng.bytes(4096))
+    elif fault.kind in ("nan_vis", "nan_some_vis", "nan_uvw"):
+        import h5py
+
+        with h5py.File(path, "r+") as fh:
+            if fault.kind == "nan_uvw":
+                uvw = fh["Header/uvw_array"]
+                values = uvw[()]
+                values[::10] = np.nan
+                uvw[...] = values
+            else:
+                vis = fh["Data/visdata"]
+                values = vis[()]
+                if fault.kind == "nan_vis":
+                    values[...] = np.nan
+                else:
+                    pick = rng.random(values.shape)
+                    values[pick < 0.02] = np.nan
+                    values[(pick >= 0.02) & (pick < 0.03)] = np.inf
+                vis[...] = values
     elif fault.kind == "duplicate":
         for extra_s in (5, 7):  # a name that differs from the original's
             stamp = (start + timedelta(seconds=extra_s)).strftime("%Y-%m-%dT%H:%M:%S")

@@ -112,4 +112,5 @@ def build_request(
         "casa_log": str(paths.casa_log),
         "telescope": dataclasses.asdict(cfg.telescope),
         "calibration": dataclasses.asdict(cfg.calibration),
+        "gates": dataclasses.asdict(cfg.gates),
     }
