@@ -15,10 +15,7 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint bench clean tools
 
-# Optional Debian tools the tests use when present (each test that needs one skips with a
-# reason otherwise): systemd-analyze (unit verify/security). Installed when we are root and
-# apt-get works; never fatal.
-DEBIAN_TOOLS := systemd-analyze:systemd
+# Optional Debian tools (systemd-analyze, promtool): scripts/install-debian-tools.sh.
 TOOLS_STAMP := $(VENV)/.tools
 
 $(STAMP): pyproject.toml
@@ -36,20 +33,8 @@ test: $(STAMP) $(TOOLS_STAMP)
 
 tools: $(TOOLS_STAMP)
 
-$(TOOLS_STAMP): $(STAMP)
-	@missing=""; for pair in $(DEBIAN_TOOLS); do \
-		cmd=$${pair%%:*}; pkg=$${pair##*:}; \
-		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing Debian packages:$$missing"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
-				|| echo "warning: could not install$$missing; tests that need them will skip"; \
-		else \
-			echo "note: not installing$$missing (needs root and apt-get); tests that need them will skip"; \
-		fi; \
-	fi
+$(TOOLS_STAMP): $(STAMP) scripts/install-debian-tools.sh
+	@bash scripts/install-debian-tools.sh $(VENV)/bin
 	@touch $(TOOLS_STAMP)
 
 lint: $(STAMP)

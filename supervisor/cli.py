@@ -384,6 +384,95 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return _operator(args, lambda db: quarantine_group(db, args.group, args.reason))
 
 
+def cmd_check_state(args: argparse.Namespace) -> int:
+    """Compare the database with the disk; --repair fixes what is safe. Exit 0 when they
+    agree (or every finding was repaired), 1 otherwise."""
+    from supervisor import reconcile
+
+    cfg = _load(args)
+    db = _database(cfg)
+    findings = reconcile.check_state(cfg, db, repair=args.repair)
+    report = reconcile.summary(findings)
+    report["mode"] = "repair" if args.repair else "dry run"
+    if args.json:
+        _print_json(report)
+    else:
+        if not findings:
+            print("database and disk agree")
+        for f in findings:
+            done = " [repaired]" if f.repaired else ("" if args.repair else " [dry run]")
+            print(f"{f.kind:20} {f.detail}\n{'':20} -> {f.repair}{done}")
+        if findings and not args.repair:
+            print("run again with --repair to apply the repairs above")
+    unrepaired = [f for f in findings if not f.repaired]
+    return EXIT_OK if not unrepaired else EXIT_DEGRADED
+
+
+def cmd_calibration_list(args: argparse.Namespace) -> int:
+    from supervisor.operator import calibration_sets
+
+    cfg = _load(args)
+    sets = calibration_sets(_database(cfg))
+    if args.json:
+        _print_json(sets)
+        return EXIT_OK
+    if not sets:
+        print("no calibration sets")
+    for c in sets:
+        q = c["quality"]
+        print(
+            f"set {c['id']:>4} {c['calibrator']:10} solved {c['solved_at']} valid "
+            f"{c['valid_from']} .. {c['valid_until']} {c['status']:8} "
+            f"bandpass SNR {q['bandpass_snr_median']} used by {c['groups_using']} group(s)"
+        )
+    return EXIT_OK
+
+
+def cmd_calibration_show(args: argparse.Namespace) -> int:
+    from supervisor.operator import OperatorError, calibration_set
+
+    cfg = _load(args)
+    try:
+        info = calibration_set(_database(cfg), args.set_id)
+    except OperatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DEGRADED
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    print(
+        f"set {info['id']} on {info['calibrator']} (group {info['group_id']}), solved "
+        f"{info['solved_at']}, {info['status']}"
+        + (f" ({info['status_reason']})" if info["status_reason"] else "")
+    )
+    print(f"  valid {info['valid_from']} .. {info['valid_until']}")
+    for t in info["tables"]:
+        print(f"  table {t['kind']}: {t['path']}" + ("" if t["exists"] else " (MISSING)"))
+    print(f"  used by {info['groups_using']} group(s): {', '.join(info['used_by']) or '-'}")
+    return EXIT_OK
+
+
+def cmd_calibration_retire(args: argparse.Namespace) -> int:
+    from supervisor.operator import OperatorError, retire_calibration_set
+
+    cfg = _load(args)
+    try:
+        info = retire_calibration_set(_database(cfg), args.set_id, args.reason)
+    except OperatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DEGRADED
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    print(f"calibration set {info['id']} retired: it is never chosen again")
+    for gid in info["completed_groups_to_requeue"]:
+        print(
+            f"  used by completed group {gid}: "
+            f"contimg-supervisor requeue {gid} --from-stage calibrate"
+        )
+    return EXIT_OK
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from supervisor.operator import OperatorError, show_group
 
@@ -422,7 +511,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         )
         print(f"      logs: {a['workdir']}")
     for art in info["artifacts"]:
-        print(f"  artifact {art['kind']}: {art['path']} ({art['bytes']} bytes)")
+        pruned = (
+            f"; pruned {art['pruned_at']} by retention rule {art['pruned_rule']}"
+            if art.get("pruned_at")
+            else ""
+        )
+        print(f"  artifact {art['kind']}: {art['path']} ({art['bytes']} bytes{pruned})")
     return EXIT_OK
 
 
@@ -537,6 +631,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status, "counts per state and the newest groups", json_flag=True)
     p.add_argument("--limit", type=int, default=20, help="how many groups to list")
+
+    p = add(
+        "check-state",
+        cmd_check_state,
+        "compare the database with the disk; --repair fixes what is safe (dry run by default)",
+        json_flag=True,
+    )
+    p.add_argument("--repair", action="store_true", help="apply the safe repairs")
+
+    cal = sub.add_parser("calibration", help="calibration sets", parents=[common])
+    cal_sub = cal.add_subparsers(dest="calibration_command", required=True, metavar="SUBCOMMAND")
+    sp = cal_sub.add_parser(
+        "list", parents=[common], help="sets with validity, quality, status and use"
+    )
+    sp.set_defaults(func=cmd_calibration_list)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = cal_sub.add_parser("show", parents=[common], help="one set: tables, metrics, users")
+    sp.set_defaults(func=cmd_calibration_show)
+    sp.add_argument("set_id", type=int, metavar="SET")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = cal_sub.add_parser("retire", parents=[common], help="never choose this set again")
+    sp.set_defaults(func=cmd_calibration_retire)
+    sp.add_argument("set_id", type=int, metavar="SET")
+    sp.add_argument("--reason", required=True)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     db = sub.add_parser("db", help="database schema commands", parents=[common])
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="SUBCOMMAND")

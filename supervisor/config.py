@@ -184,10 +184,24 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """What intermediates are removed, and when (supervisor/retention.py)."""
+
+    enabled: bool = _field(True)
+    target_ms_days: float = _field(
+        7.0, min=0, help="remove a completed target group's MS this long after; 0: keep"
+    )
+    interval_s: float = _field(3600.0, min=0, exclusive_min=True, help="retention job period")
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     backlog_warn_s: float = _field(927.0, min=0, help="oldest runnable group: degraded beyond")
     backlog_fail_s: float = _field(3600.0, min=0, help="oldest runnable group: unhealthy beyond")
     loop_stale_s: float = _field(60.0, min=0, exclusive_min=True, help="loop liveness limit")
+    state_check_interval_s: float = _field(
+        300.0, min=0, exclusive_min=True, help="periodic check-state (report only)"
+    )
     calibration_warn_h: float = _field(24.0, min=0, help="no good calibration for this long")
 
 
@@ -269,6 +283,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

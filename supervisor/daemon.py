@@ -38,7 +38,7 @@ from typing import TextIO
 import structlog
 from sqlalchemy import func, select
 
-from supervisor import __version__, calibration, health, metrics
+from supervisor import __version__, calibration, health, metrics, reconcile, retention
 from supervisor.config import Config, load_config
 from supervisor.db import Database
 from supervisor.errors import Category, ConfigError, Failure
@@ -53,6 +53,7 @@ from supervisor.policy import Classifier
 from supervisor.resources import Admission, Probe
 from supervisor.runner import kill_leftover
 from supervisor.states import State, transition
+from supervisor.status import queue_snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -151,6 +152,7 @@ class Daemon:
                 pid or -1, start_time or 0.0, self.cfg.daemon.term_grace_s, mark=workdir
             ):
                 self.summary.leftovers_killed += 1
+                metrics.LEFTOVERS.inc()
                 log.warning("recover.killed_leftover_worker", group_id=group_id, pid=pid)
         self.summary.reaped += self.leases.reap(
             crash_budget=self.cfg.retry.crash_budget, only_dead_here=True
@@ -188,6 +190,7 @@ class Daemon:
         self.jobs = PeriodicJobs()
         self._start_jobs()
         if self.listen:
+            metrics.QUEUE.source = lambda: queue_snapshot(self.db)
             self.listener = Listener(self.listen, self.health_report)
             self.listener.start()
         self._state = "running"
@@ -459,7 +462,8 @@ class Daemon:
             "reaper": self.cfg.daemon.reap_interval_s,
             "calibration_expiry": 60.0,
             "resource_monitor": self.cfg.resources.monitor_interval_s,
-            "state_check": 300.0,
+            "state_check": self.cfg.health.state_check_interval_s,
+            "retention": self.cfg.retention.interval_s,
         }
 
     def _start_jobs(self) -> None:
@@ -468,6 +472,7 @@ class Daemon:
             "calibration_expiry": self._expire_waiting,
             "resource_monitor": self._monitor_resources,
             "state_check": self._state_check,
+            "retention": self._retention,
         }
         if self.ingestor is not None:
             funcs["ingest"] = self._ingest
@@ -498,29 +503,26 @@ class Daemon:
     def _monitor_resources(self) -> None:
         reading = self.admission.probe.read(self.cfg)
         self.admission.last = reading
+        metrics.DISK_FREE.labels("products").set(reading.disk_free_bytes)
+        if reading.tmpfs_free_bytes is not None:
+            metrics.DISK_FREE.labels("tmpfs").set(reading.tmpfs_free_bytes)
+        metrics.DISK_RESERVE.set(self.cfg.resources.min_free_disk_gb * 1024**3)
+        metrics.MEMORY_AVAILABLE.set(reading.memory_available_bytes)
+        metrics.MEMORY_RESERVED.set(self.admission.reserved_bytes())
         if self.admission.paused():
             self.wake.set()  # a paused stage may fit again: let the loop look
 
     def _state_check(self) -> None:
-        """Report (never repair) what the database and the disk disagree on that the
-        reaper does not already handle: staging areas no running attempt owns."""
-        staging = self.cfg.path("staging")
-        if not staging.is_dir():
-            return
-        with self.db.transaction() as s:
-            live = {
-                (a.group_id, f"{a.stage}-t{a.fencing_token}")
-                for a in s.scalars(select(StageAttempt).where(StageAttempt.outcome == "running"))
-            }
-        orphans = [
-            str(area)
-            for group_dir in staging.iterdir()
-            if group_dir.is_dir()
-            for area in group_dir.iterdir()
-            if (group_dir.name, area.name) not in live
-        ]
-        if orphans:
-            log.warning("state_check.orphan_staging", count=len(orphans), paths=orphans[:20])
+        """check-state, report only (an operator runs ``check-state --repair``)."""
+        findings = reconcile.check_state(self.cfg, self.db, repair=False)
+        counts: dict[str, int] = {}
+        for f in findings:
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+        for kind in reconcile.FINDING_KINDS:
+            metrics.CHECK_FINDINGS.labels(kind).set(counts.get(kind, 0))
+
+    def _retention(self) -> None:
+        retention.apply_retention(self.cfg, self.db)
 
     # Liveness, status, health -----------------------------------------------------------
     def _heartbeat_row(self) -> None:

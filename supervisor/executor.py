@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from sqlalchemy import delete, select
 
-from supervisor import calibration, gates, registry
+from supervisor import calibration, gates, metrics, registry
 from supervisor.calibration import CalibrationPlan
 from supervisor.casaenv import casa_environment, write_site_config
 from supervisor.config import Config
@@ -386,6 +386,13 @@ class StageExecutor:
                 published.undo()
                 raise
         published.discard_previous()
+        tier_name = (
+            self.cfg.stages[claim.stage]
+            .tiers[min(claim.tier, len(self.cfg.stages[claim.stage].tiers) - 1)]
+            .name
+        )
+        metrics.FALLBACK.labels(claim.stage, tier_name).inc()
+        _observe(claim.stage, outcome)
         bound.info(
             "stage.committed",
             seconds=round(outcome.duration_s, 2),
@@ -458,6 +465,8 @@ class StageExecutor:
                 message=decision.failure.message
                 + (f" [{decision.reason}]" if decision.reason else ""),
             )
+        metrics.FAILURES.labels(claim.stage, str(failure.category), decision.failure.code).inc()
+        _observe(claim.stage, outcome)
         bound.warning(
             "stage.failed",
             outcome=evidence.outcome,
@@ -472,6 +481,8 @@ class StageExecutor:
     def _record_gate(self, s: Any, claim: Claim, attempt_id: int, now: datetime) -> None:
         gate = self._gate_results.pop(claim.fencing_token, None)
         if gate is not None:
+            metrics.GATE_VERDICTS.labels(claim.stage, gate.verdict).inc()
+            metrics.GATE_SCORE.labels(claim.stage).observe(gate.score)
             s.add(
                 QualityAssessment(
                     group_id=claim.group_id,
@@ -629,6 +640,7 @@ def _fill_attempt(
     attempt.outcome = outcome_name
     attempt.finished_at = now
     attempt.exit_code = outcome.returncode
+    attempt.peak_rss_bytes = outcome.peak_rss_bytes or None
     attempt.result = outcome.result
     if failure is not None:
         attempt.error_category = str(failure.category)
@@ -636,6 +648,12 @@ def _fill_attempt(
         attempt.error_type = str(failure.details.get("exception_type") or "") or None
         attempt.error_message = failure.message
         attempt.hint = failure.hint
+
+
+def _observe(stage: str, outcome: RunOutcome) -> None:
+    metrics.DURATION.labels(stage).observe(outcome.duration_s)
+    if outcome.peak_rss_bytes:
+        metrics.PEAK_RSS.labels(stage).observe(outcome.peak_rss_bytes)
 
 
 def _size(path: Path) -> int:

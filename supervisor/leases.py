@@ -21,6 +21,7 @@ import structlog
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from supervisor import metrics
 from supervisor.db import Database, is_sqlite
 from supervisor.errors import Category, Failure
 from supervisor.models import Group, StageAttempt, SubbandFile
@@ -266,6 +267,13 @@ class Leases:
                         message=message,
                         set_fields=fields,
                     )
+                metrics.REAPED.labels(
+                    "node_restarted"
+                    if node_restarted
+                    else "owner_died"
+                    if dead_here
+                    else "lease_expired"
+                ).inc()
                 log.warning(
                     "lease.reaped",
                     group_id=group.group_id,

@@ -160,6 +160,7 @@ class StageAttempt(Base):
     hint: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     correlation_id: Mapped[str] = mapped_column(String(36))
+    peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)  # worker + descendants
 
 
 class Transition(Base):
@@ -196,6 +197,9 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(String(1024), unique=True)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Retention removed the file (the row stays, saying by which rule and when).
+    pruned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pruned_rule: Mapped[str | None] = mapped_column(String(64))
 
 
 class Product(Base):
@@ -211,6 +215,8 @@ class Product(Base):
     calibration_set_id: Mapped[int | None] = mapped_column(ForeignKey("calibration_sets.id"))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    pruned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pruned_rule: Mapped[str | None] = mapped_column(String(64))
 
 
 class QualityAssessment(Base):
@@ -239,7 +245,8 @@ class CalibrationSet(Base):
     solved_at: Mapped[datetime] = mapped_column(UTCDateTime)  # observation mid-time
     valid_from: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     valid_until: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    status: Mapped[str] = mapped_column(String(16))  # valid / superseded / invalid
+    status: Mapped[str] = mapped_column(String(16))  # valid / invalid / retired
+    status_reason: Mapped[str | None] = mapped_column(Text)  # why invalid or retired
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

@@ -1,10 +1,13 @@
-"""What an operator can do to one group: look at its whole history, retry it, requeue it from
-an earlier stage, or quarantine it. Every action is an audited transition like any other."""
+"""What an operator can do: look at a group's whole history, retry it, requeue it from an
+earlier stage, or quarantine it (every such action is an audited transition like any
+other); list and inspect calibration sets, and retire one so that it is never chosen again.
+"""
 
 from __future__ import annotations
 
 import getpass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -13,7 +16,15 @@ from sqlalchemy.orm import Session
 from supervisor.db import Database
 from supervisor.errors import Category, Failure
 from supervisor.leases import database_now
-from supervisor.models import Artifact, Group, StageAttempt, SubbandFile, Transition
+from supervisor.models import (
+    Artifact,
+    CalibrationSet,
+    Group,
+    Product,
+    StageAttempt,
+    SubbandFile,
+    Transition,
+)
 from supervisor.states import STAGE_ORDER, Actor, Stage, State, transition
 from supervisor.status import group_summary
 
@@ -111,7 +122,14 @@ def show_group(db: Database, group_id: str) -> dict[str, Any]:
             )
         ]
         out["artifacts"] = [
-            {"stage": a.stage, "kind": a.kind, "path": a.path, "bytes": a.bytes}
+            {
+                "stage": a.stage,
+                "kind": a.kind,
+                "path": a.path,
+                "bytes": a.bytes,
+                "pruned_at": _iso(a.pruned_at),
+                "pruned_rule": a.pruned_rule,
+            }
             for a in s.scalars(
                 select(Artifact).where(Artifact.group_id == group_id).order_by(Artifact.id)
             )
@@ -175,9 +193,11 @@ def requeue_group(
     *,
     now: datetime | None = None,
     actor: Actor | None = None,
+    reason: str | None = None,
 ) -> Group:
     """Send a group that is not running back to ``from_stage`` (which must not lie beyond
     its last committed stage)."""
+    message = reason or f"operator requeue from {from_stage}"
     try:
         stage = Stage(from_stage)
     except ValueError:
@@ -211,7 +231,7 @@ def requeue_group(
                     fencing_token=group.fencing_token,
                     actor=(actor or operator_actor()).name,
                     correlation_id=group.correlation_id,
-                    message=f"operator requeue from {stage}",
+                    message=message,
                 )
             )
             return group
@@ -221,7 +241,7 @@ def requeue_group(
             State.PENDING,
             now=now or database_now(s),
             actor=actor or operator_actor(),
-            message=f"operator requeue from {stage}",
+            message=message,
             set_fields={**_RESET, "stage": stage.value, "completed_at": None},
         )
 
@@ -270,3 +290,80 @@ def _allowed_from(state: str) -> frozenset[State]:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+# Calibration sets -----------------------------------------------------------------------
+
+
+def _set_summary(s: Session, cal_set: CalibrationSet) -> dict[str, Any]:
+    users = sorted(
+        set(s.scalars(select(Product.group_id).where(Product.calibration_set_id == cal_set.id)))
+    )
+    return {
+        "id": cal_set.id,
+        "calibrator": cal_set.calibrator,
+        "group_id": cal_set.group_id,
+        "solved_at": _iso(cal_set.solved_at),
+        "valid_from": _iso(cal_set.valid_from),
+        "valid_until": _iso(cal_set.valid_until),
+        "status": cal_set.status,
+        "status_reason": cal_set.status_reason,
+        "quality": {
+            k: (cal_set.metrics or {}).get(k)
+            for k in (
+                "bandpass_snr_median",
+                "gain_snr_median",
+                "good_antenna_fraction",
+                "gain_phase_scatter_deg",
+                "solution_flag_fraction",
+            )
+        },
+        "groups_using": len(users),
+        "used_by": users,
+    }
+
+
+def calibration_sets(db: Database) -> list[dict[str, Any]]:
+    """Every calibration set, newest solve first, with how many groups' products used it."""
+    with db.transaction() as s:
+        rows = s.scalars(select(CalibrationSet).order_by(CalibrationSet.solved_at.desc()))
+        return [_set_summary(s, c) for c in rows]
+
+
+def calibration_set(db: Database, set_id: int) -> dict[str, Any]:
+    with db.transaction() as s:
+        cal_set = s.get(CalibrationSet, set_id)
+        if cal_set is None:
+            raise GroupNotFound(f"no calibration set {set_id}")
+        out = _set_summary(s, cal_set)
+        out["tables"] = [
+            {"kind": t.kind, "path": t.path, "interp": t.interp, "exists": Path(t.path).exists()}
+            for t in sorted(cal_set.tables, key=lambda t: t.kind)
+        ]
+        out["metrics"] = cal_set.metrics
+        return out
+
+
+def retire_calibration_set(
+    db: Database, set_id: int, reason: str, *, actor: Actor | None = None
+) -> dict[str, Any]:
+    """Never choose this set again (targets fall back to other sets); returns the set with
+    the completed groups that used it, which an operator may want to ``requeue``."""
+    with db.transaction() as s:
+        cal_set = s.get(CalibrationSet, set_id)
+        if cal_set is None:
+            raise GroupNotFound(f"no calibration set {set_id}")
+        if cal_set.status == "retired":
+            raise ForbiddenAction(f"calibration set {set_id} is already retired")
+        who = (actor or operator_actor()).name
+        cal_set.status = "retired"
+        cal_set.status_reason = f"retired by {who}: {reason}"
+        out = _set_summary(s, cal_set)
+    completed = []
+    with db.transaction() as s:
+        for gid in out["used_by"]:
+            g = s.get(Group, gid)
+            if g is not None and g.state == State.COMPLETED:
+                completed.append(gid)
+    out["completed_groups_to_requeue"] = completed
+    return out

@@ -142,6 +142,10 @@ class Admission:
         with self._lock:
             self._reserved[token] = estimate(self.cfg, stage, input_bytes).memory_bytes
 
+    def reserved_bytes(self) -> int:
+        with self._lock:
+            return sum(self._reserved.values())
+
     def release(self, token: int) -> None:
         with self._lock:
             self._reserved.pop(token, None)

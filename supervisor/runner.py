@@ -71,6 +71,7 @@ class RunOutcome:
     result_problem: str | None = None  # why the result file was unusable, if it was
     stderr_tail: str = ""
     survivors: list[int] = field(default_factory=list)  # pids that would not die (should be [])
+    peak_rss_bytes: int = 0  # the worker and its descendants, sampled while it ran
 
     @property
     def interrupted(self) -> bool:
@@ -143,6 +144,7 @@ def run_worker(
     poll_s = min(0.2, heartbeat_s)
     while True:
         _remember_descendants(proc.pid, seen)
+        outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, _tree_rss(proc.pid))
         try:
             proc.wait(timeout=poll_s)
             break
@@ -248,6 +250,19 @@ def _remember_descendants(pid: int, seen: dict[int, ProcessIdentity]) -> None:
             seen.setdefault(child.pid, ProcessIdentity(child.pid, child.create_time()))
         except psutil.NoSuchProcess:
             continue
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants now (bytes; 0 once it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        total = root.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
+    for child in _safe_children(root):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += child.memory_info().rss
+    return total
 
 
 def _safe_children(proc: psutil.Process) -> list[psutil.Process]:

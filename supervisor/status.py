@@ -101,3 +101,41 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
             ],
             "rejected_files": int(rejected or 0),
         }
+
+
+RUNNABLE = (State.PENDING.value, State.RETRY_WAIT.value, State.RUNNING.value)
+
+
+def queue_snapshot(db: Database) -> dict[str, Any]:
+    """What the metrics say about the queue, from the database (on its clock): groups per
+    state, age of the oldest runnable group, completions in the last hour, age of the
+    newest usable calibration set, running groups past their lease."""
+    from datetime import timedelta
+
+    from supervisor.leases import database_now
+    from supervisor.models import CalibrationSet
+
+    with db.transaction() as s:
+        now = database_now(s)
+        counts = dict(s.execute(select(Group.state, func.count()).group_by(Group.state)).all())
+        oldest = s.scalar(select(func.min(Group.first_seen_at)).where(Group.state.in_(RUNNABLE)))
+        completed = s.scalar(
+            select(func.count())
+            .select_from(Group)
+            .where(Group.completed_at >= now - timedelta(hours=1))
+        )
+        newest_cal = s.scalar(
+            select(func.max(CalibrationSet.created_at)).where(CalibrationSet.status == "valid")
+        )
+        expired = s.scalar(
+            select(func.count())
+            .select_from(Group)
+            .where(Group.state == State.RUNNING.value, Group.lease_expires_at < now)
+        )
+    return {
+        "states": {state.value: int(counts.get(state.value, 0)) for state in State},
+        "queue_lag_s": (now - oldest).total_seconds() if oldest else 0.0,
+        "completed_last_hour": int(completed or 0),
+        "calibration_age_s": (now - newest_cal).total_seconds() if newest_cal else None,
+        "leases_expired": int(expired or 0),
+    }
