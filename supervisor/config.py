@@ -30,6 +30,8 @@ NON_OVERRIDE_ENV = {
     "CONTIMG_CONFIG",
     "CONTIMG_ATTEMPT_MARK",
     "CONTIMG_CORRELATION_ID",
+    "CONTIMG_KILL_AT",  # fault injection for the reliability harness (supervisor/faults.py)
+    "CONTIMG_KILL_SEED",
 }
 
 
@@ -144,7 +146,16 @@ class LoggingConfig:
 
 
 STAGE_NAMES = ("preflight", "convert", "calibrate", "image", "register")
-OUTCOME_KINDS = ("any", "error", "crash", "timeout", "invalid_result", "postcondition", "gate")
+OUTCOME_KINDS = (
+    "any",
+    "error",
+    "crash",
+    "timeout",
+    "hung",
+    "invalid_result",
+    "postcondition",
+    "gate",
+)
 CATEGORIES = ("retryable", "recoverable", "validation", "fatal")
 # Where a calibrate tier gets its tables (supervisor.calibration explains each).
 CALIBRATION_SOURCES = ("auto", "self", "valid_window", "last_known_good", "field_calibrator")
@@ -224,6 +235,12 @@ class StageTier:
 class StageConfig:
     module: str = _field("", help="worker module, run as python -m MODULE --request R.json")
     timeout_s: float = _field(1800.0, min=0, exclusive_min=True)
+    stall_timeout_s: float = _field(
+        300.0, min=0, help="no CPU and no output growth this long: hung (0: off)"
+    )
+    memory_limit_gb: float = _field(
+        0.0, min=0, help="address-space limit of the worker (RLIMIT_AS); 0: none"
+    )
     max_attempts: int = _field(3, min=1, help="attempts per fallback tier (retry budget)")
     tiers: list[StageTier] = field(default_factory=lambda: [StageTier()])
     slots: int = _field(1, min=1, help="attempts of this stage in flight at once")

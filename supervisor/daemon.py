@@ -37,8 +37,9 @@ from typing import TextIO
 
 import structlog
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
-from supervisor import __version__, calibration, health, metrics, reconcile, retention
+from supervisor import __version__, calibration, faults, health, metrics, reconcile, retention
 from supervisor.config import Config, load_config
 from supervisor.db import Database
 from supervisor.errors import Category, ConfigError, Failure
@@ -125,9 +126,10 @@ class Daemon:
         self.listener: Listener | None = None
         self.jobs = PeriodicJobs()
         self.summary = RunSummary()
-        self.running: dict[int, InFlight] = {}  # fencing token -> attempt
+        self.running: dict[tuple[str, int], InFlight] = {}  # Claim.key -> attempt
         self._lock = threading.Lock()
         self._ingest_lock = threading.Lock()
+        self._claim_lock = threading.Lock()
         self._reload_requested = False
         self._progress_at = time.monotonic()
         self._row_written_at = 0.0
@@ -264,15 +266,17 @@ class Daemon:
                 name for name, sc in self.cfg.stages.items() if busy.get(name, 0) < sc.slots
             ]
             checked: set[str] = set()
-            claim = self.leases.claim_next(
-                stages=open_stages, admit=functools.partial(self._admit, checked)
-            )
+            with self._claim_lock:  # the reaper must see a claim and its registration at once
+                claim = self.leases.claim_next(
+                    stages=open_stages, admit=functools.partial(self._admit, checked)
+                )
+                if claim is not None:
+                    self._start_attempt(claim)
             for stage in set(self.admission.paused()) - checked:
                 if stage in open_stages:
                     self.admission.clear(stage)  # nothing of it is waiting any more
             if claim is None:
                 break
-            self._start_attempt(claim)
             claimed = True
         return claimed
 
@@ -286,7 +290,7 @@ class Daemon:
 
         with self.db.transaction() as s:
             size = input_bytes(s, claim.group_id)
-        self.admission.reserve(claim.fencing_token, claim.stage, size)
+        self.admission.reserve(claim.key, claim.stage, size)
         thread = threading.Thread(
             target=self._attempt,
             args=(claim,),
@@ -294,9 +298,10 @@ class Daemon:
             daemon=True,
         )
         with self._lock:
-            self.running[claim.fencing_token] = InFlight(claim, thread, time.monotonic())
+            self.running[claim.key] = InFlight(claim, thread, time.monotonic())
             self.summary.attempts += 1
         metrics.IN_FLIGHT.labels(claim.stage).inc()
+        faults.point("after_claim")
         thread.start()
 
     def _attempt(self, claim: Claim) -> None:
@@ -309,20 +314,26 @@ class Daemon:
         ):
             try:
                 state = self.executor.execute(claim)
+            except DBAPIError as exc:
+                # The database failed (locked past its timeout, gone): not the group's
+                # fault. The group stays claimed under a token no attempt holds any more;
+                # the reaper hands it back to its checkpoint.
+                log.warning("attempt.database_error", error=str(exc)[:500])
+                state = "lost"
             except Exception as exc:  # noqa: BLE001 - one group must not stop the daemon
                 state = self._supervisor_error(claim, exc)
         with self._lock:
             self.summary.outcomes[state] = self.summary.outcomes.get(state, 0) + 1
         metrics.ATTEMPTS.labels(claim.stage, state).inc()
         metrics.IN_FLIGHT.labels(claim.stage).dec()
-        self.admission.release(claim.fencing_token)
+        self.admission.release(claim.key)
         self.wake.set()
 
     def _collect_finished(self) -> None:
         with self._lock:
-            done = [t for t, item in self.running.items() if not item.thread.is_alive()]
-            for token in done:
-                self.running.pop(token).thread.join()
+            done = [k for k, item in self.running.items() if not item.thread.is_alive()]
+            for key in done:
+                self.running.pop(key).thread.join()
 
     def _finish_running(self) -> None:
         """Drain: let running attempts finish within the budget, then stop their workers
@@ -339,6 +350,7 @@ class Daemon:
                 log.warning("daemon.drain_budget_spent", stopping=len(self.running))
                 break
             self.notifier.extend_timeout(left + self._stop_margin_s(), self._status_text())
+            faults.point("during_drain")
             with contextlib.suppress(Exception):
                 self._heartbeat_row()
             self._progress_at = time.monotonic()
@@ -415,6 +427,7 @@ class Daemon:
         """Read the configuration again. An invalid file keeps the old configuration (every
         problem logged); settings that need a restart are reported and kept as they were."""
         self._reload_requested = False
+        faults.point("during_reload")
         source = self.source or ConfigSource()
         try:
             new = load_config(source.path, workspace=source.workspace)
@@ -489,7 +502,10 @@ class Daemon:
             self.wake.set()
 
     def _reap(self) -> None:
-        reaped = self.leases.reap(crash_budget=self.cfg.retry.crash_budget)
+        with self._claim_lock:
+            with self._lock:
+                held = set(self.running)
+            reaped = self.leases.reap(crash_budget=self.cfg.retry.crash_budget, held_claims=held)
         if reaped:
             self.summary.reaped += reaped
             self.wake.set()

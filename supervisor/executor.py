@@ -21,8 +21,9 @@ from typing import Any
 
 import structlog
 from sqlalchemy import delete, select
+from sqlalchemy.exc import DBAPIError
 
-from supervisor import calibration, gates, metrics, registry
+from supervisor import calibration, faults, gates, metrics, registry
 from supervisor.calibration import CalibrationPlan
 from supervisor.casaenv import casa_environment, write_site_config
 from supervisor.config import Config
@@ -64,7 +65,7 @@ class StageExecutor:
         self.classifier = classifier or Classifier(cfg.policy)
         self.rng = rng or random.Random()
         self.should_stop = should_stop
-        self._gate_results: dict[int, gates.GateResult | None] = {}
+        self._gate_results: dict[tuple[str, int], gates.GateResult | None] = {}
 
     # The whole attempt -------------------------------------------------------------------
     def execute(self, claim: Claim) -> str:
@@ -109,8 +110,12 @@ class StageExecutor:
             heartbeat_s=self.cfg.daemon.heartbeat_s,
             heartbeat=lambda: self._heartbeat(claim),
             should_stop=self.should_stop,
-            on_start=lambda started: self._record_pid(attempt_id, started),
+            on_start=lambda started: self._on_worker_start(attempt_id, started),
+            stall_timeout_s=stage_cfg.stall_timeout_s,
+            watch_files=(paths.casa_log,),
+            memory_limit_bytes=int(stage_cfg.memory_limit_gb * 1024**3),
         )
+        faults.point("after_result_written")
         if outcome.survivors:
             bound.error("stage.survivors", pids=outcome.survivors)
         try:
@@ -208,6 +213,13 @@ class StageExecutor:
             s.flush()
             return row.id
 
+    def _on_worker_start(self, attempt_id: int, started: WorkerStarted) -> None:
+        try:
+            self._record_pid(attempt_id, started)
+        except DBAPIError as exc:  # the worker runs on; a restart finds it by its mark
+            log.warning("attempt.pid_not_recorded", pid=started.pid, error=str(exc)[:300])
+        faults.point("after_worker_start")
+
     def _record_pid(self, attempt_id: int, started: WorkerStarted) -> None:
         with self.db.transaction() as s:
             row = s.get(StageAttempt, attempt_id)
@@ -254,6 +266,8 @@ class StageExecutor:
                     attempt_id, "abandoned", outcome, None, message="lost the claim before commit"
                 )
                 return "lost"
+            except DBAPIError as exc:
+                return self._commit_uncertain(claim, attempt_id, outcome, exc, bound)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -269,10 +283,53 @@ class StageExecutor:
         failure = self.classifier.classify(evidence)
         return self._apply_failure(claim, attempt_id, outcome, evidence, failure, bound)
 
+    def _commit_uncertain(
+        self, claim: Claim, attempt_id: int, outcome: RunOutcome, exc: DBAPIError, bound: Any
+    ) -> str:
+        """The database raised while committing: it may or may not have committed (a lost
+        connection after COMMIT). Read the group back instead of guessing: moved on means
+        the commit held; still ours means it did not (the rename was undone) and the
+        attempt is a failure like any other; unreadable means the reaper will decide."""
+        bound.warning("stage.commit_uncertain", error=str(exc)[:500])
+        try:
+            with self.db.transaction() as s:
+                group = s.get(Group, claim.group_id)
+                ours = (
+                    group is not None
+                    and group.state == State.RUNNING
+                    and group.fencing_token == claim.fencing_token
+                )
+                state = group.state if group is not None else "lost"
+        except DBAPIError:
+            bound.error("stage.commit_unknown")
+            return "lost"  # the lease expires; the reaper returns it to its checkpoint
+        if not ours:
+            bound.info("stage.commit_confirmed", state=state)
+            return state
+        evidence = Evidence(
+            stage=claim.stage,
+            outcome="error",
+            exception_type=type(exc).__name__,
+            message=f"committing the stage failed: {exc}"[:1000],
+            returncode=outcome.returncode,
+        )
+        failure = self.classifier.classify(evidence)
+        return self._apply_failure(claim, attempt_id, outcome, evidence, failure, bound)
+
     def _evidence(self, claim: Claim, paths: AttemptPaths, outcome: RunOutcome) -> Evidence | None:
         """None when the attempt succeeded and its post-conditions hold."""
         result, rc = outcome.result, outcome.returncode
         common = {"stage": claim.stage, "stderr_tail": outcome.stderr_tail, "returncode": rc}
+        if outcome.hung:
+            return Evidence(
+                outcome="hung",
+                message=(
+                    f"no CPU time and no output for "
+                    f"{self.cfg.stages[claim.stage].stall_timeout_s:.0f} s; worker process "
+                    "group killed"
+                ),
+                **common,
+            )
         if outcome.timed_out:
             return Evidence(
                 outcome="timeout",
@@ -308,7 +365,7 @@ class StageExecutor:
                 outcome="postcondition", message="; ".join(problems), log_lines=log_lines, **common
             )
         gate = gates.evaluate(claim.stage, result.get("metrics", {}), self.cfg.gates)
-        self._gate_results[claim.fencing_token] = gate
+        self._gate_results[claim.key] = gate
         if gate is not None and gate.failed:
             return Evidence(
                 outcome="gate",
@@ -335,6 +392,7 @@ class StageExecutor:
             group = self._locked_group(s, claim)
             now = self.leases.now(s)
             published = publish(paths.output_dir, paths.final_dir)
+            faults.point("between_rename_and_commit")
             try:
                 s.execute(
                     delete(Artifact).where(
@@ -479,7 +537,7 @@ class StageExecutor:
         return to.value
 
     def _record_gate(self, s: Any, claim: Claim, attempt_id: int, now: datetime) -> None:
-        gate = self._gate_results.pop(claim.fencing_token, None)
+        gate = self._gate_results.pop(claim.key, None)
         if gate is not None:
             metrics.GATE_VERDICTS.labels(claim.stage, gate.verdict).inc()
             metrics.GATE_SCORE.labels(claim.stage).observe(gate.score)

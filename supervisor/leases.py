@@ -69,7 +69,8 @@ class Owner:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A group claimed to run one stage attempt."""
+    """A group claimed to run one stage attempt. Fencing tokens count per group: the pair
+    (group_id, fencing_token) is what identifies a claim (see :attr:`key`)."""
 
     group_id: str
     stage: str
@@ -79,6 +80,10 @@ class Claim:
     owner: str
     correlation_id: str
     lease_expires_at: datetime
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.group_id, self.fencing_token)
 
 
 def database_now(session: Session) -> datetime:
@@ -195,7 +200,13 @@ class Leases:
             )
             return result.rowcount == 1  # type: ignore[attr-defined]
 
-    def reap(self, *, crash_budget: int, only_dead_here: bool = False) -> list[str]:
+    def reap(
+        self,
+        *,
+        crash_budget: int,
+        only_dead_here: bool = False,
+        held_claims: Collection[tuple[str, int]] | None = None,
+    ) -> list[str]:
         """Return running groups whose lease expired (or whose owner provably died on this
         node) to their checkpoint: ``pending`` at the stage that was running, which never
         committed. The fencing token moves on, so the old owner can no longer write.
@@ -205,6 +216,11 @@ class Leases:
         down counts against its crash budget: its owner ran on this node and started before
         the node's last boot (the node restarted while the group was running). A group that
         did that more than ``crash_budget`` times in a row is failed.
+
+        ``held_claims``: the (group, fencing token) pairs this very process still works on.
+        A group it owns under any other claim lost its attempt (the thread ended without handing the
+        group back, e.g. the database failed at that moment) and is reaped too, although
+        its owner is alive.
         """
         reaped = []
         boot_time = psutil.boot_time()
@@ -215,12 +231,19 @@ class Leases:
                 owner = Owner.parse(group.lease_owner or "")
                 dead_here = owner is not None and owner.provably_dead_here(self.owner.node)
                 expired = group.lease_expires_at is not None and group.lease_expires_at < now
-                if owner is not None and owner.provably_alive_here(self.owner.node):
+                dropped = (
+                    held_claims is not None
+                    and owner == self.owner
+                    and (group.group_id, group.fencing_token) not in held_claims
+                )
+                if owner is not None and owner.provably_alive_here(self.owner.node) and not dropped:
                     continue  # never while the owner is provably alive on this node
-                if not (dead_here or (expired and not only_dead_here)):
+                if not (dropped or dead_here or (expired and not only_dead_here)):
                     continue
                 node_restarted = dead_here and owner is not None and owner.start_time < boot_time
-                if node_restarted:
+                if dropped:
+                    why = "its attempt ended without handing the group back"
+                elif node_restarted:
                     why = "the node restarted while this stage ran"
                 elif dead_here:
                     why = "owner process died"

@@ -108,6 +108,7 @@ def _summary(ev: Evidence) -> str:
         "error": "raised",
         "crash": "crashed",
         "timeout": "timed out",
+        "hung": "hung",
         "invalid_result": "wrote an unusable result",
         "postcondition": "failed its post-conditions",
         "gate": "failed its quality gate",

@@ -91,7 +91,7 @@ class Admission:
     cfg: Config
     probe: Probe = field(default_factory=Probe)
     on_change: Callable[[str, list[str]], None] = lambda stage, reasons: None
-    _reserved: dict[int, int] = field(default_factory=dict)  # fencing token -> bytes
+    _reserved: dict[tuple[str, int], int] = field(default_factory=dict)  # claim key -> bytes
     _paused: dict[str, list[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     last: Reading | None = None
@@ -138,17 +138,17 @@ class Admission:
         self._set_paused(stage, reasons)
         return reasons
 
-    def reserve(self, token: int, stage: str, input_bytes: int) -> None:
+    def reserve(self, key: tuple[str, int], stage: str, input_bytes: int) -> None:
         with self._lock:
-            self._reserved[token] = estimate(self.cfg, stage, input_bytes).memory_bytes
+            self._reserved[key] = estimate(self.cfg, stage, input_bytes).memory_bytes
 
     def reserved_bytes(self) -> int:
         with self._lock:
             return sum(self._reserved.values())
 
-    def release(self, token: int) -> None:
+    def release(self, key: tuple[str, int]) -> None:
         with self._lock:
-            self._reserved.pop(token, None)
+            self._reserved.pop(key, None)
 
     def paused(self) -> dict[str, list[str]]:
         with self._lock:

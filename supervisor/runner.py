@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -65,6 +66,7 @@ class RunOutcome:
     returncode: int | None
     duration_s: float
     timed_out: bool = False
+    hung: bool = False  # no CPU time and no output growth for stall_timeout_s
     lease_lost: bool = False
     stopped: bool = False  # shutdown asked us to stop it
     result: dict[str, Any] | None = None
@@ -75,7 +77,7 @@ class RunOutcome:
 
     @property
     def interrupted(self) -> bool:
-        return self.timed_out or self.lease_lost or self.stopped
+        return self.timed_out or self.hung or self.lease_lost or self.stopped
 
 
 def worker_command(python: str, module: str, request_path: Path) -> list[str]:
@@ -111,11 +113,20 @@ def run_worker(
     should_stop: Callable[[], bool] = lambda: False,
     on_start: Callable[[WorkerStarted], None] = lambda _: None,
     monotonic: Callable[[], float] = time.monotonic,
+    stall_timeout_s: float = 0.0,
+    watch_files: tuple[Path, ...] = (),
+    memory_limit_bytes: int = 0,
 ) -> RunOutcome:
     """Start ``command`` and supervise it until it ends (see the module docstring).
 
     ``heartbeat`` is called every ``heartbeat_s`` while the worker lives; returning False
     means the lease is lost and the worker is stopped. ``should_stop`` is polled as often.
+    ``stall_timeout_s`` (0: off): a worker whose processes use no CPU time and whose
+    stdout, stderr and ``watch_files`` do not grow for that long is hung (CASA blocks
+    forever on a casacore table lock) and is stopped well before ``timeout_s``.
+    ``memory_limit_bytes`` (0: none): the worker's address space (RLIMIT_AS), set right
+    after it starts, so that a runaway allocation raises MemoryError in the worker instead
+    of taking the node down.
     """
     stdout = (cwd / "worker.stdout").open("ab")
     stderr_path = cwd / "worker.stderr"
@@ -133,6 +144,9 @@ def run_worker(
     )
     stdout.close()
     stderr.close()
+    if memory_limit_bytes > 0:
+        with contextlib.suppress(OSError):  # gone already: it is reaped below
+            resource.prlimit(proc.pid, resource.RLIMIT_AS, (memory_limit_bytes,) * 2)
     try:
         create_time = psutil.Process(proc.pid).create_time()
     except psutil.NoSuchProcess:  # already gone; still reap it below
@@ -142,6 +156,9 @@ def run_worker(
     outcome = RunOutcome(returncode=None, duration_s=0.0)
     next_beat = started + heartbeat_s
     poll_s = min(0.2, heartbeat_s)
+    watched = (cwd / "worker.stdout", stderr_path, *watch_files)
+    activity = _activity(proc.pid, seen, watched)
+    active_at = started
     while True:
         _remember_descendants(proc.pid, seen)
         outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, _tree_rss(proc.pid))
@@ -151,7 +168,13 @@ def run_worker(
         except subprocess.TimeoutExpired:
             pass
         now = monotonic()
-        if now - started > timeout_s:
+        if stall_timeout_s > 0:
+            current = _activity(proc.pid, seen, watched)
+            if current != activity:
+                activity, active_at = current, now
+        if stall_timeout_s > 0 and now - active_at > stall_timeout_s:
+            outcome.hung = True
+        elif now - started > timeout_s:
             outcome.timed_out = True
         elif should_stop():
             outcome.stopped = True
@@ -250,6 +273,28 @@ def _remember_descendants(pid: int, seen: dict[int, ProcessIdentity]) -> None:
             seen.setdefault(child.pid, ProcessIdentity(child.pid, child.create_time()))
         except psutil.NoSuchProcess:
             continue
+
+
+def _activity(
+    pid: int, seen: dict[int, ProcessIdentity], files: tuple[Path, ...]
+) -> tuple[float, tuple[int, ...]]:
+    """CPU seconds used by the attempt's live processes and the sizes of its output files:
+    if neither moves, nothing is happening."""
+    cpu = 0.0
+    for ident in seen.values():
+        proc = ident.process()
+        if proc is None:
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = proc.cpu_times()
+            cpu += t.user + t.system
+    sizes = []
+    for path in files:
+        try:
+            sizes.append(path.stat().st_size)
+        except OSError:
+            sizes.append(-1)
+    return round(cpu, 2), tuple(sizes)
 
 
 def _tree_rss(pid: int) -> int:

@@ -1,7 +1,8 @@
 """A test-only stage worker whose behaviour the request chooses (``params.behaviour``).
 
 succeed | raise | classified | hang | ignore_sigterm | grandchild | signal | garbage |
-no_result | slow_success | bad_artifact | result_then_segv; ``sequence`` picks one per attempt.
+no_result | slow_success | bad_artifact | result_then_segv | spin | allocate; ``sequence``
+picks one per attempt.
 A calibrate request's plan is echoed in the metrics; ``solve_gate = "fail"`` makes a solve
 report metrics that fail the calibrate gate.
 """
@@ -80,6 +81,15 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
             "artifacts": [{"path": marker.name, "kind": f"{request['stage']}_output"}],
             "metrics": _metrics(request, params),
         }
+    if behaviour == "spin":  # busy (CPU) without output, then success: not hung
+        end = time.monotonic() + float(params.get("seconds", 2.0))
+        while time.monotonic() < end:
+            sum(range(10_000))
+        marker.write_text("spun")
+        return {"artifacts": [{"path": marker.name, "kind": "x"}], "metrics": GATE_METRICS}
+    if behaviour == "allocate":  # a runaway allocation (MemoryError under RLIMIT_AS)
+        blocks = [bytearray(256 * 1024**2) for _ in range(int(float(params.get("gb", 4)) * 4))]
+        return {"artifacts": [], "metrics": {"allocated": len(blocks)}}
     if behaviour == "bad_artifact":
         return {"artifacts": [{"path": "never-written.ms", "kind": "ms"}]}
     if behaviour == "raise":

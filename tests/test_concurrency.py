@@ -222,3 +222,21 @@ def test_enospc_while_publishing_is_retried_and_nothing_half_written_is_register
     ]
     assert len(artifacts) == 1 and Path(artifacts[0].path).exists()
     assert_clean(cfg)
+
+
+def test_never_more_attempts_in_flight_than_slots(workspace: Path, sqlite_db: Database) -> None:
+    """Fencing tokens count per group: four groups claimed at once all hold token 1, and
+    must still count as four claims (a map keyed by token alone let a third one in)."""
+    cfg = all_slow(workspace, max_parallel=2)
+    groups = [*GROUPS, "2025-10-05T12:40:18", "2025-10-05T12:45:27"]
+    for gid in groups:
+        add_pending_group(sqlite_db, gid)
+    Daemon(cfg, sqlite_db, ingest=False, rng=random.Random(0)).run(until_idle=True)
+    rows = intervals(sqlite_db)
+    assert len(rows) == 20
+    events = sorted([(a, 1) for _g, _s, a, _b in rows] + [(b, -1) for _g, _s, _a, b in rows])
+    level = peak = 0
+    for _t, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 2, f"{peak} attempts overlapped with 2 slots"

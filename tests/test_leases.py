@@ -138,3 +138,22 @@ def test_concurrent_claimers_never_share_a_group(db: Database) -> None:
     with db.transaction() as s:
         tokens = s.scalars(select(Group.fencing_token)).all()
     assert set(tokens) == {1}
+
+
+def test_a_group_its_live_owner_no_longer_works_on_is_reaped(
+    db: Database, clock: FakeClock
+) -> None:
+    """The daemon lives, but the attempt thread that held this claim ended without handing
+    the group back (the database failed at that moment): the claim is not in the tokens the
+    daemon still holds, so the reaper returns the group to its checkpoint, uncounted."""
+    add_pending_group(db, GID)
+    me = Leases(db, Owner.this_process("here"), lease_s=600, clock=clock)
+    claim = me.claim_next()
+    assert me.reap(crash_budget=2, held_claims={claim.key}) == []
+    # Tokens count per group: another group's claim with the same token does not hold it.
+    assert me.reap(crash_budget=2, held_claims={("2025-10-05T12:35:09", claim.fencing_token)}) == [
+        GID
+    ]
+    g = group(db)
+    assert (g.state, g.stage, g.crash_count) == ("pending", "preflight", 0)
+    assert "ended without handing the group back" in g.state_reason
