@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_WORKSPACE ?= demo-workspace
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean tools
+.PHONY: demo test lint bench clean tools reliability
 
 # Optional Debian tools (systemd-analyze, promtool): scripts/install-debian-tools.sh.
 TOOLS_STAMP := $(VENV)/.tools
@@ -47,3 +47,9 @@ clean:
 bench: $(STAMP)
 	$(VENV)/bin/python bench/simulate_full_size.py 32 16
 	$(VENV)/bin/python bench/simulate_full_size.py 96 48
+
+# Chaos at scale, claim races and the bad-input catalogue; the last line is one JSON object.
+# RELIABILITY_ARGS="--groups 20 --kills 30 --claims 500" for a quick run.
+RELIABILITY_ARGS ?= --groups 200 --kills 1000 --claims 10000
+reliability: $(STAMP) $(TOOLS_STAMP)
+	$(VENV)/bin/python bench/reliability.py $(RELIABILITY_ARGS)

@@ -179,9 +179,12 @@ def _consistency_problems(headers: list[tuple[str, Any]]) -> list[str]:
     seen: set[int] = set()
     for path, uvd in headers:
         freqs = np.asarray(uvd.freq_array).ravel()
+        name = os.path.basename(path)
+        if not np.isfinite(freqs).all() or not freqs.size:
+            problems.append(f"{name}: Header/freq_array holds non-finite frequencies")
+            continue
         centre = float(freqs.mean())
         slot = int((BAND_HIGH_HZ - centre) // SUBBAND_WIDTH_HZ)
-        name = os.path.basename(path)
         expected = int(name[-7:-5])
         if slot != expected or not 0 <= slot < N_SUBBANDS:
             problems.append(

@@ -81,6 +81,9 @@ class IngestConfig:
     group_tolerance_s: float = _field(60.0, min=0, exclusive_min=True, max=150)
     group_deadline_s: float = _field(900.0, min=0, exclusive_min=True)
     subbands_per_group: int = _field(16, min=1, max=16)
+    future_tolerance_s: float = _field(
+        86400.0, min=0, help="a file named this far in the future is rejected (clock skew)"
+    )
 
 
 @dataclass(frozen=True)

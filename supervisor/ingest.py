@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 
 FILENAME_RE = re.compile(r"^(?P<stamp>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})_sb(?P<sb>\d{2})\.hdf5$")
 INGEST_ACTOR = Actor("ingest")
+EARLIEST_PLAUSIBLE = datetime(2015, 1, 1, tzinfo=UTC)  # DSA-110 files are newer than this
 
 
 class FileStatus(enum.StrEnum):
@@ -306,6 +307,23 @@ class Ingestor:
         (log.debug if quiet else log.info)("ingest.scan", **changes)
         return report
 
+    def _implausible_time(self, path: str, file_time: datetime) -> Failure | None:
+        """A name stamped in the future (beyond a day of clock skew) or before DSA-110
+        existed cannot be grouped with anything real."""
+        now = self.clock()
+        if file_time > now + timedelta(seconds=self.cfg.ingest.future_tolerance_s):
+            why = f"is {(file_time - now).days} days in the future"
+        elif file_time < EARLIEST_PLAUSIBLE:
+            why = f"is before {EARLIEST_PLAUSIBLE.date()} (before the array observed)"
+        else:
+            return None
+        return _reject(
+            "implausible_timestamp",
+            f"{path}: the time in its name ({file_time.isoformat()}) {why}",
+            "check the writer's clock and file naming; the file is not grouped",
+            path,
+        )
+
     # Step 1: look (no database) -----------------------------------------------------
     def _observe(self, report: ScanReport) -> list[Observation]:
         if not self.incoming.is_dir():
@@ -332,6 +350,8 @@ class Ingestor:
                             "it are not read",
                             path,
                         )
+                if failure is None:
+                    failure = self._implausible_time(path, file_time)
                 n_subbands = self.cfg.ingest.subbands_per_group
                 if failure is None and subband >= n_subbands:
                     failure = _reject(
