@@ -170,14 +170,50 @@ def plan_for(
     raise ValueError(f"unknown calibration source {source!r}")
 
 
+def pending_solver(s: Session, group: Group, cfg: Config) -> Group | None:
+    """A calibrator group, not yet finished, whose solve would cover ``group`` (within the
+    validity window): with several attempts in flight a target can reach calibrate while
+    its calibrator is still solving, and must wait for those tables rather than fall back
+    to older or off-transit ones."""
+    window = timedelta(hours=cfg.calibration.validity_hours)
+    when = group_mid_time(group)
+    for other in s.scalars(
+        select(Group).where(
+            Group.is_calibrator.is_(True),
+            Group.group_id != group.group_id,
+            Group.state.in_(
+                (
+                    State.COLLECTING.value,
+                    State.PENDING.value,
+                    State.RUNNING.value,
+                    State.RETRY_WAIT.value,
+                )
+            ),
+        )
+    ):
+        if abs(group_mid_time(other) - when) <= window:
+            return other
+    return None
+
+
 def first_applicable(
     s: Session, group: Group, cfg: Config, tiers: Sequence[StageTier], start: int
 ) -> tuple[int | None, CalibrationPlan | None]:
     """Walk the chain from tier ``start``: (index, plan) of the first tier that applies, its
     plan recording the tiers skipped on the way; (None, None) when none applies."""
     skipped: list[dict[str, str]] = []
+    solver = None
     for index in range(start, len(tiers)):
-        found = plan_for(s, group, cfg, tier_source(tiers[index]))
+        source = tier_source(tiers[index])
+        if source in ("last_known_good", "field_calibrator"):
+            solver = solver or pending_solver(s, group, cfg)
+            if solver is not None:
+                reason = (
+                    f"calibrator group {solver.group_id} covers this time and has not solved yet"
+                )
+                skipped.append({"tier": tiers[index].name, "reason": reason})
+                continue
+        found = plan_for(s, group, cfg, source)
         if isinstance(found, CalibrationPlan):
             return index, CalibrationPlan(**{**found.__dict__, "skipped": tuple(skipped)})
         skipped.append({"tier": tiers[index].name, "reason": found.reason})
@@ -189,11 +225,43 @@ def skipped_reasons(
 ) -> list[dict[str, str]]:
     """Why each tier from ``start`` on cannot apply (for the waiting message)."""
     out = []
+    solver = pending_solver(s, group, cfg)
     for tier in tiers[start:]:
-        found = plan_for(s, group, cfg, tier_source(tier))
+        source = tier_source(tier)
+        if solver is not None and source in ("last_known_good", "field_calibrator"):
+            reason = f"calibrator group {solver.group_id} covers this time and has not solved yet"
+            out.append({"tier": tier.name, "reason": reason})
+            continue
+        found = plan_for(s, group, cfg, source)
         if isinstance(found, Unavailable):
             out.append({"tier": tier.name, "reason": found.reason})
     return out
+
+
+def recheck_waiting(s: Session, cfg: Config, now: datetime, actor: Actor) -> list[str]:
+    """Groups waiting for calibration go back to pending when a tier can serve them after
+    all: the calibrator group they waited for ended without registering tables (failed or
+    quarantined), so the older or off-transit tiers may now apply."""
+    tiers = cfg.stages["calibrate"].tiers
+    released = []
+    for group in s.scalars(select(Group).where(Group.state == State.WAITING_CALIBRATION.value)):
+        index, plan = first_applicable(s, group, cfg, tiers, calibration_resume(group, tiers))
+        if plan is None:
+            continue
+        transition(
+            s,
+            group,
+            State.PENDING,
+            now=now,
+            actor=actor,
+            message=f"calibration tier {tiers[index].name} can serve it now",  # type: ignore[index]
+        )
+        released.append(group.group_id)
+    return released
+
+
+def calibration_resume(group: Group, tiers: Sequence[StageTier]) -> int:
+    return min(group.fallback_tier, len(tiers) - 1)
 
 
 def resume_tier(tiers: Sequence[StageTier]) -> int:

@@ -512,7 +512,13 @@ class Daemon:
 
     def _expire_waiting(self) -> None:
         with self.db.transaction() as s:
-            expired = calibration.expire_waiting(s, self.cfg, self.leases.now(s), self.leases.actor)
+            now = self.leases.now(s)
+            released = calibration.recheck_waiting(s, self.cfg, now, self.leases.actor)
+            expired = calibration.expire_waiting(s, self.cfg, now, self.leases.actor)
+        for group_id in released:
+            log.info("calibration.wait_released", group_id=group_id)
+        if released:
+            self.wake.set()
         for group_id in expired:
             log.warning("calibration.wait_expired", group_id=group_id)
 

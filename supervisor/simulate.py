@@ -91,6 +91,8 @@ class SimulationSpec:
     seed: int = 1
     faults: tuple[Fault, ...] = ()
     telescope_name: str = "DSA_110"
+    layout: str = "t"  # t (both arms) or ew (every antenna on the E-W arm: co-linear)
+    channel_order: str = "descending"  # within each file, as DSA-110 writes; or ascending
     latitude_deg: float = 37.2339
     longitude_deg: float = -118.2825
     altitude_m: float = 1222.0
@@ -108,6 +110,12 @@ class SimulationSpec:
             problems.append(f"ntimes={self.n_times}: must be >= 1")
         if not 0 <= self.jitter_s <= 60:
             problems.append(f"jitter={self.jitter_s}: must be within 0..60 s")
+        if self.layout not in ("t", "ew"):
+            problems.append(f"layout={self.layout!r}: must be t or ew")
+        if self.channel_order not in ("descending", "ascending"):
+            problems.append(
+                f"channel_order={self.channel_order!r}: must be descending or ascending"
+            )
         if self.phase not in ("meridian", "drift"):
             problems.append(f"phase={self.phase!r}: must be meridian or drift")
         if self.dec_deg is not None and not -30 <= self.dec_deg <= 90:
@@ -205,6 +213,21 @@ def t_array_layout(n_antennas: int, rng: np.random.Generator) -> np.ndarray:
     return enu
 
 
+def ew_arm_layout(n_antennas: int, rng: np.random.Generator) -> np.ndarray:
+    """Every antenna on the E-W arm (+-575 m): what the array is with its N-S arm down, and
+    what another DSA-110 simulator wrote. Co-linear baselines: a beam hundreds of times
+    longer than it is wide."""
+    q = (np.arange(n_antennas) + 0.5) / n_antennas * 2.0 - 1.0
+    q = q + rng.uniform(-0.35, 0.35, n_antennas) / n_antennas
+    x = np.sign(q) * np.abs(q) ** 1.5 * 575.0
+    enu = np.stack([x, rng.normal(0, 0.5, n_antennas), rng.normal(0, 0.2, n_antennas)], axis=1)
+    for i in range(n_antennas):
+        for j in range(i):
+            while abs(enu[i, 0] - enu[j, 0]) < 6.0:
+                enu[i, 0] += 6.5
+    return enu
+
+
 def first_transit_after(cal: Calibrator, after: datetime, longitude_deg: float) -> datetime:
     """The first time after ``after`` when LST equals the calibrator's RA (to ~0.1 s)."""
     sidereal_rate = 360.98564736629 / 86400.0  # deg of LST per second of UTC
@@ -262,7 +285,11 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
     loc = EarthLocation.from_geodetic(
         lon=spec.longitude_deg * u.deg, lat=spec.latitude_deg * u.deg, height=spec.altitude_m * u.m
     )
-    enu = t_array_layout(spec.n_antennas, rng)
+    enu = (
+        t_array_layout(spec.n_antennas, rng)
+        if spec.layout == "t"
+        else ew_arm_layout(spec.n_antennas, rng)
+    )
     ecef = uvutils.ECEF_from_ENU(
         enu,
         latitude=math.radians(spec.latitude_deg),
@@ -456,6 +483,8 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
             flagged = fault is not None and fault.kind == "flagged"
             uvd.flag_array = np.full(uvd.data_array.shape, flagged, dtype=bool)
             uvd.nsample_array = np.ones(uvd.data_array.shape, dtype=np.float32)
+            if spec.channel_order == "ascending":
+                uvd.reorder_freqs(channel_order="freq")
             stamp = (start + timedelta(seconds=int(sb_offsets[sb]))).strftime("%Y-%m-%dT%H:%M:%S")
             path = out / f"{stamp}_sb{sb:02d}.hdf5"
             if fault is not None and fault.kind == "drop":
