@@ -157,3 +157,37 @@ def test_a_new_set_releases_a_waiting_calibrator_group_to_the_registry_tiers(
     assert [a[0] for a in calibrate_attempts(sqlite_db, OFF_TRANSIT)] == [0, 1, 2]
     with sqlite_db.transaction() as s:
         assert s.get(Group, OFF_TRANSIT).state == State.COMPLETED
+
+
+def test_a_target_waits_for_its_calibrator_in_flight_then_falls_back_if_it_fails(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    """Tables from yesterday would do as last-known-good, but the calibrator group that
+    covers this time has not solved yet: the target waits for it. When that group is
+    quarantined without tables, the target is released to last-known-good."""
+    cfg = fake_pipeline_config(workspace, calibrate=chain(solve_gate="pass"))
+    yesterday = "2025-10-04T12:30:00"
+    add_pending_group(sqlite_db, yesterday)
+    now = datetime.now(UTC)
+    with sqlite_db.transaction() as s:
+        g = s.get(Group, yesterday)
+        calibration.register_solution(s, g, {}, {}, cfg, now)
+        transition(s, g, State.QUARANTINED, now=now, actor=Actor("test"))
+    solver, target = "2025-10-05T12:30:00", "2025-10-05T12:40:18"
+    add_pending_group(sqlite_db, solver)  # a calibrator group, not yet run
+    add_pending_group(sqlite_db, target, calibrator=None)
+    with sqlite_db.transaction() as s:
+        tiers = cfg.stages["calibrate"].tiers
+        index, plan = calibration.first_applicable(s, s.get(Group, target), cfg, tiers, 0)
+        assert (index, plan) == (None, None)
+        reasons = calibration.skipped_reasons(s, s.get(Group, target), cfg, tiers, 0)
+    assert any(f"calibrator group {solver}" in r["reason"] for r in reasons)
+    with sqlite_db.transaction() as s:
+        g = s.get(Group, target)
+        transition(s, g, State.RUNNING, now=now, actor=Actor("t"))
+        transition(s, g, State.WAITING_CALIBRATION, now=now, actor=Actor("t"))
+        assert calibration.recheck_waiting(s, cfg, now, Actor("t")) == []  # still coming
+        transition(s, s.get(Group, solver), State.QUARANTINED, now=now, actor=Actor("t"))
+        assert calibration.recheck_waiting(s, cfg, now, Actor("t")) == [target]
+        index, plan = calibration.first_applicable(s, s.get(Group, target), cfg, tiers, 2)
+    assert plan is not None and plan.tier == "last_known_good"
