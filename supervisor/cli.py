@@ -428,17 +428,35 @@ def cmd_calibration_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_calibration_show(args: argparse.Namespace) -> int:
-    from supervisor.operator import OperatorError, calibration_set
+def _calibration_call(args: argparse.Namespace, action: Any) -> dict[str, Any] | None:
+    """Run an operator action on a calibration set; None when it was refused (printed) or
+    already printed as JSON."""
+    from supervisor.operator import OperatorError
 
     cfg = _load(args)
     try:
-        info = calibration_set(_database(cfg), args.set_id)
+        info = action(_database(cfg))
     except OperatorError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DEGRADED
+        raise _Refused from None
     if args.json:
         _print_json(info)
+        return None
+    return info
+
+
+class _Refused(Exception):
+    """An operator action was refused (already printed): exit 1."""
+
+
+def cmd_calibration_show(args: argparse.Namespace) -> int:
+    from supervisor.operator import calibration_set
+
+    try:
+        info = _calibration_call(args, lambda db: calibration_set(db, args.set_id))
+    except _Refused:
+        return EXIT_DEGRADED
+    if info is None:
         return EXIT_OK
     print(
         f"set {info['id']} on {info['calibrator']} (group {info['group_id']}), solved "
@@ -453,16 +471,15 @@ def cmd_calibration_show(args: argparse.Namespace) -> int:
 
 
 def cmd_calibration_retire(args: argparse.Namespace) -> int:
-    from supervisor.operator import OperatorError, retire_calibration_set
+    from supervisor.operator import retire_calibration_set
 
-    cfg = _load(args)
     try:
-        info = retire_calibration_set(_database(cfg), args.set_id, args.reason)
-    except OperatorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        info = _calibration_call(
+            args, lambda db: retire_calibration_set(db, args.set_id, args.reason)
+        )
+    except _Refused:
         return EXIT_DEGRADED
-    if args.json:
-        _print_json(info)
+    if info is None:
         return EXIT_OK
     print(f"calibration set {info['id']} retired: it is never chosen again")
     for gid in info["completed_groups_to_requeue"]:
