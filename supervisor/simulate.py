@@ -93,6 +93,7 @@ class SimulationSpec:
     telescope_name: str = "DSA_110"
     layout: str = "t"  # t (both arms) or ew (every antenna on the E-W arm: co-linear)
     channel_order: str = "descending"  # within each file, as DSA-110 writes; or ascending
+    header_shapes: str = "new"  # new (pyuvdata >= 3) or old (spectral-window axis, 2-D freqs)
     latitude_deg: float = 37.2339
     longitude_deg: float = -118.2825
     altitude_m: float = 1222.0
@@ -112,6 +113,8 @@ class SimulationSpec:
             problems.append(f"jitter={self.jitter_s}: must be within 0..60 s")
         if self.layout not in ("t", "ew"):
             problems.append(f"layout={self.layout!r}: must be t or ew")
+        if self.header_shapes not in ("new", "old"):
+            problems.append(f"header_shapes={self.header_shapes!r}: must be new or old")
         if self.channel_order not in ("descending", "ascending"):
             problems.append(
                 f"channel_order={self.channel_order!r}: must be descending or ascending"
@@ -211,6 +214,29 @@ def t_array_layout(n_antennas: int, rng: np.random.Generator) -> np.ndarray:
             while np.linalg.norm(enu[i] - enu[j]) < 6.0:
                 enu[i, 0] += 6.5
     return enu
+
+
+def to_old_uvh5_shapes(path: Path) -> None:
+    """Rewrite a UVH5 file the way writers built on pyuvdata < 3 laid it out: a
+    spectral-window axis in the data arrays, a 2-D ``freq_array`` and a scalar
+    ``channel_width``."""
+    import h5py
+
+    with h5py.File(path, "r+") as fh:
+        header, data = fh["Header"], fh["Data"]
+        freqs = header["freq_array"][()]
+        widths = np.atleast_1d(header["channel_width"][()])
+        del header["freq_array"], header["channel_width"]
+        header["freq_array"] = freqs.reshape(1, -1)
+        header["channel_width"] = float(widths[0])
+        if "flex_spw" in header:
+            del header["flex_spw"]
+        if "flex_spw_id_array" in header:
+            del header["flex_spw_id_array"]
+        for name in ("visdata", "flags", "nsamples"):
+            values = data[name][()]
+            del data[name]
+            data.create_dataset(name, data=values[:, np.newaxis, :, :])
 
 
 def ew_arm_layout(n_antennas: int, rng: np.random.Generator) -> np.ndarray:
@@ -491,6 +517,8 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
                 applied_faults.append({**asdict(fault), "path": str(path)})
                 continue
             uvd.write_uvh5(str(path), clobber=True)
+            if spec.header_shapes == "old":
+                to_old_uvh5_shapes(path)
             files.append(path.name)
             if fault is not None:
                 applied_faults.append({**asdict(fault), "path": str(path)})

@@ -374,6 +374,15 @@ def _vis_edit(sb: int, how: str) -> Callable[[list[Path]], str]:
     return damage
 
 
+def old_header_shapes(files: list[Path]) -> str:
+    """Every file written the pyuvdata < 3 way (spectral-window axis, 2-D frequencies)."""
+    from supervisor.simulate import to_old_uvh5_shapes
+
+    for f in files:
+        to_old_uvh5_shapes(f)
+    return files[0].name
+
+
 def one_subband_flagged(files: list[Path]) -> str:
     f = _sb(files, 12)
     _edit(f, lambda fh: fh["Data/flags"].write_direct(np.ones(fh["Data/flags"].shape, bool)))
@@ -391,6 +400,7 @@ PREFLIGHT_CASES = [
     Case("inf_uvw_one_subband", "preflight", "dropped_subband", None),
     Case("inf_in_some_visibilities", "preflight", "flagged_nonfinite", None),
     Case("one_subband_all_flagged", "preflight", "goes_on", None),
+    Case("old_uvh5_header_shapes", "preflight", "goes_on", None),
 ]
 DAMAGE = {
     "declination_mismatch": declination_mismatch,
@@ -403,6 +413,7 @@ DAMAGE = {
     "inf_uvw_one_subband": _vis_edit(10, "uvw"),
     "inf_in_some_visibilities": _vis_edit(13, "inf_some"),
     "one_subband_all_flagged": one_subband_flagged,
+    "old_uvh5_header_shapes": old_header_shapes,
 }
 
 
@@ -490,6 +501,9 @@ def test_preflight_level_bad_input(case: Case, preflight_night: PreflightNight) 
         (flagged,) = pre["nonfinite_to_flag"].values()
         assert flagged["file"].endswith(named)
         assert _committed(preflight_night.db, gid, "convert")["nonfinite_flagged"] > 0
+    elif case.name == "old_uvh5_header_shapes":
+        assert state == "completed", (state, reason)
+        assert _committed(preflight_night.db, gid, "convert")["subbands_used"] == 16
     else:  # one subband flagged: the band goes on, the gate sees the fraction
         assert state == "completed"
         assert _committed(preflight_night.db, gid, "convert")["flagged_fraction"] >= 1 / 16 - 0.01

@@ -72,3 +72,94 @@ def test_two_nodes_share_one_queue(workspace: Path, postgres_url: str) -> None:
     assert others == 0
     assert fake_processes() == []
     db.dispose()
+
+
+def test_a_node_killed_mid_stage_has_its_groups_finished_by_the_others(
+    workspace: Path, postgres_url: str
+) -> None:
+    """Three daemon processes ("nodes") on one PostgreSQL queue; one is SIGKILLed while it
+    runs stages. Its leases expire, the other nodes reap its groups back to their
+    checkpoints and finish them: every group completes, every stage commits once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = {"tiers": [{"name": "primary", "params": {"behaviour": "slow_success", "seconds": 1.0}}]}
+    fake_pipeline_config(
+        workspace,
+        settings={
+            "database": {"url": postgres_url},
+            "daemon": {"lease_s": 6.0, "heartbeat_s": 1.0, "reap_interval_s": 1.0},
+        },
+        convert=slow,
+        image=slow,
+    )
+    db = Database(postgres_url)
+    migrate.upgrade(db)
+    for gid in GROUPS:
+        add_pending_group(db, gid)
+    script = str(Path(sys.executable).parent / "contimg-supervisor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
+
+    def node(name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                script,
+                "--workspace",
+                str(workspace),
+                "--config",
+                str(workspace / "fake.toml"),
+                "run",
+                "--until-idle",
+                "--listen",
+                "",
+            ],
+            env={**env, "CONTIMG_DAEMON__NODE_NAME": name},
+            stdout=(workspace / f"{name}.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    nodes = {name: node(name) for name in ("node-a", "node-b", "node-c")}
+    try:
+        victim = None
+        deadline = time.monotonic() + 60
+        while victim is None and time.monotonic() < deadline:
+            with db.transaction() as s:
+                owner = s.scalars(
+                    select(Group.lease_owner).where(
+                        Group.state == "running", Group.lease_owner.like("node-a:%")
+                    )
+                ).first()
+            victim = owner
+            time.sleep(0.1)
+        assert victim is not None, "node-a never claimed anything"
+        os.kill(nodes["node-a"].pid, signal.SIGKILL)
+        nodes["node-a"].wait()
+        for name in ("node-b", "node-c"):
+            assert nodes[name].wait(timeout=180) == 0, (workspace / f"{name}.log").read_text()[
+                -2000:
+            ]
+    finally:
+        for p in nodes.values():
+            if p.poll() is None:
+                p.kill()
+        for p in fake_processes():
+            p.kill()
+    with db.transaction() as s:
+        states = dict(s.execute(select(Group.group_id, Group.state)).all())
+        per_stage = s.execute(
+            select(StageAttempt.group_id, StageAttempt.stage, func.count())
+            .where(StageAttempt.outcome == "succeeded")
+            .group_by(StageAttempt.group_id, StageAttempt.stage)
+        ).all()
+        reaped_from_a = s.scalar(
+            select(func.count())
+            .select_from(StageAttempt)
+            .where(StageAttempt.owner.like("node-a:%"), StageAttempt.outcome == "abandoned")
+        )
+    assert states == {gid: "completed" for gid in GROUPS}
+    assert len(per_stage) == 5 * len(GROUPS) and all(n == 1 for *_k, n in per_stage)
+    assert reaped_from_a >= 1
+    db.dispose()
