@@ -22,7 +22,7 @@ Every product records the tier that calibrated it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -196,24 +196,29 @@ def pending_solver(s: Session, group: Group, cfg: Config) -> Group | None:
     return None
 
 
+def _walk(
+    s: Session, group: Group, cfg: Config, tiers: Sequence[StageTier], start: int
+) -> Iterator[tuple[int, CalibrationPlan | Unavailable]]:
+    """What each tier from ``start`` on offers ``group``: a plan, or why it cannot apply.
+    The older and off-transit tiers stand aside while a calibrator group that covers this
+    time is still on its way (see :func:`pending_solver`)."""
+    solver = pending_solver(s, group, cfg)
+    for index in range(start, len(tiers)):
+        source = tier_source(tiers[index])
+        if solver is not None and source in ("last_known_good", "field_calibrator"):
+            reason = f"calibrator group {solver.group_id} covers this time and has not solved yet"
+            yield index, Unavailable(source, reason)
+        else:
+            yield index, plan_for(s, group, cfg, source)
+
+
 def first_applicable(
     s: Session, group: Group, cfg: Config, tiers: Sequence[StageTier], start: int
 ) -> tuple[int | None, CalibrationPlan | None]:
     """Walk the chain from tier ``start``: (index, plan) of the first tier that applies, its
     plan recording the tiers skipped on the way; (None, None) when none applies."""
     skipped: list[dict[str, str]] = []
-    solver = None
-    for index in range(start, len(tiers)):
-        source = tier_source(tiers[index])
-        if source in ("last_known_good", "field_calibrator"):
-            solver = solver or pending_solver(s, group, cfg)
-            if solver is not None:
-                reason = (
-                    f"calibrator group {solver.group_id} covers this time and has not solved yet"
-                )
-                skipped.append({"tier": tiers[index].name, "reason": reason})
-                continue
-        found = plan_for(s, group, cfg, source)
+    for index, found in _walk(s, group, cfg, tiers, start):
         if isinstance(found, CalibrationPlan):
             return index, CalibrationPlan(**{**found.__dict__, "skipped": tuple(skipped)})
         skipped.append({"tier": tiers[index].name, "reason": found.reason})
@@ -224,18 +229,11 @@ def skipped_reasons(
     s: Session, group: Group, cfg: Config, tiers: Sequence[StageTier], start: int
 ) -> list[dict[str, str]]:
     """Why each tier from ``start`` on cannot apply (for the waiting message)."""
-    out = []
-    solver = pending_solver(s, group, cfg)
-    for tier in tiers[start:]:
-        source = tier_source(tier)
-        if solver is not None and source in ("last_known_good", "field_calibrator"):
-            reason = f"calibrator group {solver.group_id} covers this time and has not solved yet"
-            out.append({"tier": tier.name, "reason": reason})
-            continue
-        found = plan_for(s, group, cfg, source)
-        if isinstance(found, Unavailable):
-            out.append({"tier": tier.name, "reason": found.reason})
-    return out
+    return [
+        {"tier": tiers[index].name, "reason": found.reason}
+        for index, found in _walk(s, group, cfg, tiers, start)
+        if isinstance(found, Unavailable)
+    ]
 
 
 def recheck_waiting(s: Session, cfg: Config, now: datetime, actor: Actor) -> list[str]:
@@ -245,7 +243,9 @@ def recheck_waiting(s: Session, cfg: Config, now: datetime, actor: Actor) -> lis
     tiers = cfg.stages["calibrate"].tiers
     released = []
     for group in s.scalars(select(Group).where(Group.state == State.WAITING_CALIBRATION.value)):
-        index, plan = first_applicable(s, group, cfg, tiers, calibration_resume(group, tiers))
+        index, plan = first_applicable(
+            s, group, cfg, tiers, min(group.fallback_tier, len(tiers) - 1)
+        )
         if plan is None:
             continue
         transition(
@@ -258,10 +258,6 @@ def recheck_waiting(s: Session, cfg: Config, now: datetime, actor: Actor) -> lis
         )
         released.append(group.group_id)
     return released
-
-
-def calibration_resume(group: Group, tiers: Sequence[StageTier]) -> int:
-    return min(group.fallback_tier, len(tiers) - 1)
 
 
 def resume_tier(tiers: Sequence[StageTier]) -> int:

@@ -167,10 +167,7 @@ class Daemon:
         if not staging.is_dir():
             return 0
         with self.db.transaction() as s:
-            live = {
-                (a.group_id, f"{a.stage}-t{a.fencing_token}")
-                for a in s.scalars(select(StageAttempt).where(StageAttempt.outcome == "running"))
-            }
+            live = reconcile.live_staging_areas(s)
         removed = 0
         for group_dir in staging.iterdir():
             if not group_dir.is_dir():

@@ -33,6 +33,7 @@ from supervisor.leases import Claim, Leases
 from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt
 from supervisor.policy import Action, Classifier, Decision, Evidence, decide
 from supervisor.postconditions import check_artifacts_by_kind
+from supervisor.reconcile import artifact_size
 from supervisor.runner import (
     RunOutcome,
     WorkerStarted,
@@ -408,7 +409,7 @@ class StageExecutor:
                             stage=claim.stage,
                             kind=str(art.get("kind", "output")),
                             path=str(path),
-                            bytes=_size(path),
+                            bytes=artifact_size(path),
                             created_at=now,
                         )
                     )
@@ -636,7 +637,7 @@ def check_artifacts(result: dict[str, Any], output_dir: Path) -> list[str]:
             problems.append(f"artifact {rel!r} lies outside the staging area")
         elif not path.exists():
             problems.append(f"declared artifact {rel} was not written")
-        elif _size(path) == 0:
+        elif artifact_size(path) == 0:
             problems.append(f"artifact {rel} is empty")
     return problems
 
@@ -712,12 +713,6 @@ def _observe(stage: str, outcome: RunOutcome) -> None:
     metrics.DURATION.labels(stage).observe(outcome.duration_s)
     if outcome.peak_rss_bytes:
         metrics.PEAK_RSS.labels(stage).observe(outcome.peak_rss_bytes)
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0
 
 
 def _remove_if_empty(directory: Path) -> None:

@@ -13,18 +13,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.leases import database_now
-from supervisor.models import CalibrationSet, DaemonRecord, Group
+from supervisor.metrics import CADENCE_S
+from supervisor.models import DaemonRecord
 from supervisor.resources import GB, existing_ancestor
-from supervisor.states import State
+from supervisor.status import queue_snapshot
 
-CADENCE_S = 309.0
 LEVELS = {"ok": 0, "degraded": 1, "unhealthy": 2}
-RUNNABLE = (State.PENDING.value, State.RETRY_WAIT.value, State.RUNNING.value)
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,9 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
                 .where(DaemonRecord.node == node)
                 .order_by(DaemonRecord.started_at.desc())
             ).first()
-            checks.append(_backlog(cfg, s, now))
-            checks.append(_calibration(cfg, s, now))
+        snap = queue_snapshot(db)  # the same figures /metrics exports
+        checks.append(_backlog(cfg, snap))
+        checks.append(_calibration(cfg, snap))
     checks.append(_loop(cfg, live, record, now, node))
     checks.append(_intake(live, record))
     checks += _disk(cfg)
@@ -134,11 +134,10 @@ def _disk(cfg: Config) -> list[Check]:
     return out
 
 
-def _backlog(cfg: Config, s: Any, now: datetime) -> Check:
-    oldest = s.scalar(select(func.min(Group.first_seen_at)).where(Group.state.in_(RUNNABLE)))
-    if oldest is None:
+def _backlog(cfg: Config, snap: dict[str, Any]) -> Check:
+    age = snap["queue_lag_s"]
+    if not age:
         return Check("backlog", "ok", "nothing waiting", 0.0)
-    age = (now - oldest).total_seconds()
     h = cfg.health
     status = (
         "ok" if age <= h.backlog_warn_s else "degraded" if age <= h.backlog_fail_s else "unhealthy"
@@ -151,15 +150,12 @@ def _backlog(cfg: Config, s: Any, now: datetime) -> Check:
     )
 
 
-def _calibration(cfg: Config, s: Any, now: datetime) -> Check:
-    newest = s.scalar(
-        select(func.max(CalibrationSet.created_at)).where(CalibrationSet.status == "valid")
-    )
-    if newest is None:
-        any_group = s.scalar(select(func.count()).select_from(Group))
-        if not any_group:
+def _calibration(cfg: Config, snap: dict[str, Any]) -> Check:
+    age_s = snap["calibration_age_s"]
+    if age_s is None:
+        if not any(snap["states"].values()):
             return Check("calibration", "ok", "no groups yet")
         return Check("calibration", "degraded", "no calibration set has been registered")
-    hours = (now - newest).total_seconds() / 3600.0
+    hours = age_s / 3600.0
     status = "ok" if hours <= cfg.health.calibration_warn_h else "degraded"
-    return Check("calibration", status, f"last good calibration {hours:.1f} h ago", hours * 3600)
+    return Check("calibration", status, f"last good calibration {hours:.1f} h ago", age_s)

@@ -65,6 +65,14 @@ class Finding:
         return asdict(self)
 
 
+def live_staging_areas(s: Session) -> set[tuple[str, str]]:
+    """(group, area name) of every staging area a running attempt owns."""
+    return {
+        (a.group_id, f"{a.stage}-t{a.fencing_token}")
+        for a in s.scalars(select(StageAttempt).where(StageAttempt.outcome == "running"))
+    }
+
+
 def artifact_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -165,10 +173,7 @@ def _caltables(db: Database, repair: bool) -> list[Finding]:
 def _orphan_dirs(cfg: Config, db: Database, repair: bool) -> list[Finding]:
     found: list[Finding] = []
     with db.transaction() as s:
-        live = {
-            (a.group_id, f"{a.stage}-t{a.fencing_token}")
-            for a in s.scalars(select(StageAttempt).where(StageAttempt.outcome == "running"))
-        }
+        live = live_staging_areas(s)
         owned = {
             (group_id, stage)
             for group_id, stage in s.execute(select(Artifact.group_id, Artifact.stage)).all()
@@ -259,7 +264,7 @@ def _leases_and_attempts(
                     group_id=g.group_id,
                 )
             )
-        orphans = _orphan_attempts(s, node)
+        orphans = _orphan_attempts(s)
         for a, why in orphans:
             f = Finding(
                 "orphan_attempt",
@@ -282,7 +287,7 @@ def _leases_and_attempts(
     return found
 
 
-def _orphan_attempts(s: Session, node: str) -> list[tuple[StageAttempt, str]]:
+def _orphan_attempts(s: Session) -> list[tuple[StageAttempt, str]]:
     """Attempt rows still ``running`` whose group is no longer running under their token
     (a running group with a dead owner is the reaper's: see ``expired_lease``)."""
     out = []

@@ -273,7 +273,7 @@ def test_watchdog_is_withheld_while_the_database_is_stuck(
 def test_sighup_reloads_a_valid_file_and_keeps_the_old_config_on_an_invalid_one(
     workspace: Path, sqlite_db: Database, notify: NotifySocket
 ) -> None:
-    cfg = fake_pipeline_config(workspace)
+    fake_pipeline_config(workspace)
     config = workspace / "fake.toml"
     original = config.read_text()
     service = start_service(workspace, notify)
@@ -296,7 +296,6 @@ def test_sighup_reloads_a_valid_file_and_keeps_the_old_config_on_an_invalid_one(
         assert service.proc.wait(timeout=30) == 0
     finally:
         stop(service)
-    assert cfg.path("products").name == "products"
 
 
 def test_healthz_metrics_and_health_json(
