@@ -250,13 +250,7 @@ def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict
     out = Path(request["output_dir"])
     tables = plan["tables"]
     for tab in tables:
-        if not Path(tab["path"]).exists():
-            raise StageFailure(
-                "recoverable",
-                "caltable_missing",
-                f"registered table {tab['path']} is missing",
-                "the calibration set is damaged; another set is tried",
-            )
+        check_registered_table(Path(tab["path"]))
     facts = _flag_autocorrelations(ms)
     t = time.monotonic()
     _applycal(ms, [tab["path"] for tab in tables], [tab["interp"] for tab in tables])
@@ -281,6 +275,35 @@ def _apply_only(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict
         "artifacts": [{"path": "calibration.json", "kind": "calibration_report"}],
         "metrics": metrics,
     }
+
+
+def check_registered_table(path: Path) -> None:
+    """A registered table must exist and read whole (its solutions column, every row)
+    before it is applied: applycal on a damaged table fails as if the MS were corrupt, and
+    the group would be blamed for the calibration set's fault."""
+    from casacore.tables import table
+
+    hint = "the calibration set is marked damaged; another set is tried"
+    if not path.exists():
+        raise StageFailure(
+            "recoverable", "caltable_missing", f"registered table {path} is missing", hint
+        )
+    try:
+        with table(str(path), readonly=True, ack=False) as t:
+            column = "CPARAM" if "CPARAM" in t.colnames() else "FPARAM"
+            nrows = t.nrows()
+            values = t.getcol(column) if nrows else None
+    except Exception as exc:  # noqa: BLE001 - casacore raises RuntimeError for any damage
+        raise StageFailure(
+            "recoverable",
+            "caltable_corrupt",
+            f"registered table {path} cannot be read: {str(exc)[:300]}",
+            hint,
+        ) from exc
+    if values is None:
+        raise StageFailure(
+            "recoverable", "caltable_corrupt", f"registered table {path} has no rows", hint
+        )
 
 
 def _flag_autocorrelations(ms: Path) -> dict[str, Any]:

@@ -334,6 +334,22 @@ def _registered_set(s: Session, group: Group, cfg: Config, source: str) -> Calib
     return s.scalars(query.order_by(CalibrationSet.solved_at.desc())).first()
 
 
+# A calibrate attempt failing with one of these names a registered set as the culprit.
+DAMAGED_SET_CODES = frozenset({"caltable_missing", "caltable_corrupt"})
+
+
+def invalidate_damaged_set(s: Session, set_id: int, reason: str) -> bool:
+    """Mark a set whose tables a worker could not read ``invalid`` so that no group
+    chooses it again (the group that found it moves on to the next tier). True if it was
+    still valid."""
+    cal_set = s.get(CalibrationSet, set_id)
+    if cal_set is None or cal_set.status != "valid":
+        return False
+    cal_set.status = "invalid"
+    cal_set.status_reason = f"tables unreadable when applied: {reason}"[:2000]
+    return True
+
+
 def register_solution(
     s: Session,
     group: Group,

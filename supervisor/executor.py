@@ -120,7 +120,7 @@ class StageExecutor:
         if outcome.survivors:
             bound.error("stage.survivors", pids=outcome.survivors)
         try:
-            return self._conclude(claim, attempt_id, paths, outcome, bound)
+            return self._conclude(claim, attempt_id, paths, outcome, bound, plan)
         finally:
             shutil.rmtree(paths.output_dir, ignore_errors=True)  # rollback (no-op if published)
             _remove_if_empty(paths.output_dir.parent)
@@ -245,6 +245,7 @@ class StageExecutor:
         paths: AttemptPaths,
         outcome: RunOutcome,
         bound: Any,
+        plan: CalibrationPlan | None = None,
     ) -> str:
         if outcome.lease_lost:
             self._finish_attempt(
@@ -282,7 +283,7 @@ class StageExecutor:
                     returncode=outcome.returncode,
                 )
         failure = self.classifier.classify(evidence)
-        return self._apply_failure(claim, attempt_id, outcome, evidence, failure, bound)
+        return self._apply_failure(claim, attempt_id, outcome, evidence, failure, bound, plan)
 
     def _commit_uncertain(
         self, claim: Claim, attempt_id: int, outcome: RunOutcome, exc: DBAPIError, bound: Any
@@ -467,6 +468,7 @@ class StageExecutor:
         evidence: Evidence,
         failure: Failure,
         bound: Any,
+        plan: CalibrationPlan | None = None,
     ) -> str:
         with self.db.transaction() as s:
             try:
@@ -475,6 +477,15 @@ class StageExecutor:
                 self._finish_attempt(attempt_id, "abandoned", outcome, failure)
                 return "lost"
             now = self.leases.now(s)
+            if (
+                plan is not None
+                and plan.set_id is not None
+                and failure.code in calibration.DAMAGED_SET_CODES
+                and calibration.invalidate_damaged_set(s, plan.set_id, failure.message)
+            ):
+                bound.error(
+                    "calibration.set_invalidated", set_id=plan.set_id, reason=failure.message
+                )
             crashes = group.crash_count + (1 if evidence.is_crash else 0)
             decision: Decision = decide(
                 failure,

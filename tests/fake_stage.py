@@ -77,6 +77,12 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         if plan.get("mode") == "solve":
             time.sleep(float(params.get("solve_seconds", 0.0)))
         marker.write_text(f"{request['group_id']} {request['stage']} attempt {request['attempt']}")
+        if params.get("output_mb"):  # a bulky product (a disk can fill while it is written)
+            with (out / "bulk.bin").open("wb") as fh:
+                for _ in range(int(params["output_mb"])):
+                    fh.write(b"\0" * 1024**2)
+                fh.flush()
+                os.fsync(fh.fileno())
         return {
             "artifacts": [{"path": marker.name, "kind": f"{request['stage']}_output"}],
             "metrics": _metrics(request, params),

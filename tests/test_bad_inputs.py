@@ -531,6 +531,46 @@ def test_a_config_with_wrong_types_names_the_key(tmp_path: Path) -> None:
     assert "ingest.poll_interval_s = True: must be a number, not a boolean" in done.stderr
 
 
+def _write_gain_table(path: Path) -> None:
+    """A calibration table shaped like a bandpass (96 rows x 48 channels x 2 pols)."""
+    from casacore.tables import makearrcoldesc, makescacoldesc, maketabdesc, table
+
+    desc = maketabdesc(
+        [
+            makescacoldesc("ANTENNA1", 0),
+            makearrcoldesc("CPARAM", 0j, ndim=2, shape=[48, 2]),
+            makearrcoldesc("FLAG", False, ndim=2, shape=[48, 2]),
+        ]
+    )
+    with table(str(path), desc, nrow=96, ack=False) as t:
+        t.putcol("CPARAM", np.ones((96, 48, 2), complex))
+
+
+@pytest.mark.parametrize("damaged_file", ["table.dat", "table.f0i"])
+def test_a_corrupt_calibration_table_is_named_before_it_is_applied(
+    tmp_path: Path, damaged_file: str
+) -> None:
+    """applycal on a damaged table fails like a corrupt MS (fatal for the group); the check
+    before applying blames the table instead (recoverable: the set is invalidated and the
+    next one tried, tests/test_calibration_chain.py)."""
+    from stages.calibrate import check_registered_table
+    from stages.protocol import StageFailure
+
+    table_path = tmp_path / "G0.B"
+    _write_gain_table(table_path)
+    check_registered_table(table_path)  # whole: no complaint
+    victim = table_path / damaged_file
+    os.truncate(victim, victim.stat().st_size // 2)
+    with pytest.raises(StageFailure) as caught:
+        check_registered_table(table_path)
+    assert (caught.value.category, caught.value.code) == ("recoverable", "caltable_corrupt")
+    assert str(table_path) in str(caught.value) and "readBlock" in str(caught.value)
+    shutil.rmtree(table_path)
+    with pytest.raises(StageFailure) as caught:
+        check_registered_table(table_path)
+    assert caught.value.code == "caltable_missing"
+
+
 CATALOGUE = [
     *INGEST_CASES,
     Case("vanishes_between_scan_and_read", "ingest", "vanished"),
@@ -538,6 +578,7 @@ CATALOGUE = [
     Case("names_with_spaces_or_suffixes", "ingest", "ignored_name"),
     *PREFLIGHT_CASES,
     Case("config_with_wrong_types", "config", "config_error"),
+    Case("corrupt_calibration_table", "calibrate", "caltable_corrupt"),
     # Covered where the pipeline runs for real (tests/test_e2e_casa.py):
     Case("all_flagged_group", "convert", "convert_gate_failed"),
     Case("corrupt_ms_mid_pipeline", "calibrate", "corrupt_table"),

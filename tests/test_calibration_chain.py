@@ -191,3 +191,47 @@ def test_a_target_waits_for_its_calibrator_in_flight_then_falls_back_if_it_fails
         assert calibration.recheck_waiting(s, cfg, now, Actor("t")) == [target]
         index, plan = calibration.first_applicable(s, s.get(Group, target), cfg, tiers, 2)
     assert plan is not None and plan.tier == "last_known_good"
+
+
+def test_a_set_whose_tables_cannot_be_read_is_invalidated_and_the_next_set_serves(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    """The worker reports caltable_corrupt (stages.calibrate.check_registered_table, tested
+    on a real damaged table in test_damaged_subbands): the set is marked invalid, naming
+    the table, the target goes on to last_known_good with an older set, and nothing blames
+    the target's own data."""
+    tiers = chain(solve_gate="pass")
+    tiers["tiers"][2]["params"].update(
+        behaviour="classified",
+        category="recoverable",
+        code="caltable_corrupt",
+        message="registered table /p/B cannot be read: FilebufIO::readBlock",
+    )
+    cfg = fake_pipeline_config(workspace, calibrate=tiers)
+    older = "2025-10-05T10:25:00"
+    add_pending_group(sqlite_db, older)
+    with sqlite_db.transaction() as s:
+        g = s.get(Group, older)
+        now = datetime.now(UTC)
+        tables = {"caltable_B": Path("/p/B0"), "caltable_G": Path("/p/G0")}
+        older_id = calibration.register_solution(s, g, tables, {}, cfg, now).id
+        transition(s, g, State.QUARANTINED, now=now, actor=Actor("test"))
+    damaged_id = register_earlier_set(sqlite_db, cfg)
+    target = "2025-10-05T12:40:00"
+    add_pending_group(sqlite_db, target, calibrator=None)
+    run_until_idle(cfg, sqlite_db)
+
+    assert calibrate_attempts(sqlite_db, target) == [
+        (2, "failed", "caltable_corrupt"),
+        (3, "succeeded", None),
+    ]
+    with sqlite_db.transaction() as s:
+        damaged = s.get(CalibrationSet, damaged_id)
+        assert damaged.status == "invalid"
+        assert "/p/B cannot be read" in damaged.status_reason
+        assert s.get(CalibrationSet, older_id).status == "valid"
+        assert s.get(Group, target).state == State.COMPLETED
+        products = s.scalars(select(Product).where(Product.group_id == target)).all()
+    assert {(p.calibration_tier, p.calibration_set_id) for p in products} == {
+        ("last_known_good", older_id)
+    }
