@@ -9,7 +9,7 @@ from typing import Any
 from stages.common import dir_bytes
 from stages.protocol import StageFailure, run, write_json_atomic
 
-REQUIRED_KINDS = ("ms", "image_fits", "image_png")
+REQUIRED_KINDS = ("ms", "image_fits", "image_pbcor_fits", "image_png")
 
 
 def stage(request: dict[str, Any]) -> dict[str, Any]:

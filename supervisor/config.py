@@ -180,6 +180,17 @@ class DaemonConfig:
     heartbeat_row_s: float = _field(
         5.0, min=0, exclusive_min=True, help="how often the loop records its liveness in the DB"
     )
+    worker_threads: int = _field(
+        0,
+        min=0,
+        help="threads per stage worker (OpenMP, wsclean -j); 0: CPUs / max_parallel, so that"
+        " concurrent workers never oversubscribe the node",
+    )
+
+    def threads_per_worker(self) -> int:
+        if self.worker_threads:
+            return self.worker_threads
+        return max(1, (os.cpu_count() or 1) // self.max_parallel)
 
 
 @dataclass(frozen=True)

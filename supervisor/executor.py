@@ -103,7 +103,10 @@ class StageExecutor:
             worker_command(python, stage_cfg.module, paths.request),
             cwd=paths.workdir,
             env=worker_environment(
-                casa_environment(site), mark=str(paths.workdir), correlation_id=claim.correlation_id
+                casa_environment(site),
+                mark=str(paths.workdir),
+                correlation_id=claim.correlation_id,
+                threads=self.cfg.daemon.threads_per_worker(),
             ),
             result_path=paths.result,
             timeout_s=stage_cfg.timeout_s,

@@ -209,7 +209,9 @@ class Product(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.group_id"), index=True)
-    kind: Mapped[str] = mapped_column(String(32))  # ms / image_fits / image_png / qa
+    kind: Mapped[str] = mapped_column(
+        String(32)
+    )  # ms / image_fits / image_pbcor_fits / image_png / qa
     path: Mapped[str | None] = mapped_column(String(1024))
     calibration_tier: Mapped[str | None] = mapped_column(String(32))
     calibration_set_id: Mapped[int | None] = mapped_column(ForeignKey("calibration_sets.id"))

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import resource
+import select
 import signal
 import subprocess
 import time
@@ -85,13 +86,17 @@ def worker_command(python: str, module: str, request_path: Path) -> list[str]:
 
 
 def worker_environment(
-    base: dict[str, str], mark: str, correlation_id: str | None = None
+    base: dict[str, str], mark: str, correlation_id: str | None = None, threads: int | None = None
 ) -> dict[str, str]:
     """Make the project's ``stages`` package importable by any casa6 interpreter, mark
-    every process of this attempt with ``mark`` (unique per attempt), and hand down the
-    group's correlation id (``CONTIMG_CORRELATION_ID``)."""
+    every process of this attempt with ``mark`` (unique per attempt), hand down the
+    group's correlation id (``CONTIMG_CORRELATION_ID``) and cap the worker's OpenMP/BLAS
+    threads at ``threads`` (its share of the node's cores)."""
     env = dict(base)
     env[ATTEMPT_MARK_ENV] = mark
+    if threads:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = str(threads)
     if correlation_id:
         env[CORRELATION_ENV] = correlation_id
     env["PYTHONPATH"] = os.pathsep.join(
@@ -159,14 +164,12 @@ def run_worker(
     watched = (cwd / "worker.stdout", stderr_path, *watch_files)
     activity = _activity(proc.pid, seen, watched)
     active_at = started
+    exited = _ExitWatch(proc)
     while True:
         _remember_descendants(proc.pid, seen)
         outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, _tree_rss(proc.pid))
-        try:
-            proc.wait(timeout=poll_s)
+        if exited.wait(poll_s):
             break
-        except subprocess.TimeoutExpired:
-            pass
         now = monotonic()
         if stall_timeout_s > 0:
             current = _activity(proc.pid, seen, watched)
@@ -184,8 +187,10 @@ def run_worker(
                 outcome.lease_lost = True
         if outcome.interrupted:
             terminate(list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV))
-            proc.wait()
+            exited.wait(None)
             break
+    exited.close()
+    outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, exited.max_rss_bytes)
     # Whatever happened, nothing of the attempt may outlive it.
     outcome.survivors = terminate(list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV))
     outcome.returncode = proc.returncode
@@ -193,6 +198,49 @@ def run_worker(
     outcome.stderr_tail = _tail(stderr_path)
     outcome.result, outcome.result_problem = read_result(result_path)
     return outcome
+
+
+class _ExitWatch:
+    """Wait for the worker's exit without polling: a pidfd (Linux >= 5.3) becomes readable
+    the moment the process ends, so a 40 ms worker is not noticed 50 ms late (Popen.wait's
+    timeout loop sleeps up to 50 ms between checks). The worker is then reaped with
+    ``wait4``, which also reports its peak resident memory (ru_maxrss: the worker and the
+    descendants it waited for)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.max_rss_bytes = 0
+        try:
+            self.fd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # old kernel or not Linux: Popen's own wait
+            self.fd = None
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once the worker has ended (and is reaped); False after ``timeout`` s."""
+        if self.proc.returncode is not None:
+            return True
+        if self.fd is None:
+            try:
+                self.proc.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            _pid, status, usage = os.wait4(self.proc.pid, 0)
+        except ChildProcessError:  # reaped elsewhere: let Popen report what it knows
+            self.proc.wait()
+            return True
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.max_rss_bytes = usage.ru_maxrss * 1024  # kilobytes on Linux
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -220,13 +268,17 @@ def terminate(
     (normally none)."""
 
     def everyone() -> list[psutil.Process]:
-        found = {p.pid: p for p in _live(members) + _session_members(session_id)}
-        if mark:
-            found.update((p.pid, p) for p in _marked(mark))
+        found = {p.pid: p for p in _live(members)}
+        found.update((p.pid, p) for p in _session_or_marked(session_id, mark))
         return list(found.values())
 
     _signal_group(session_id, signal.SIGTERM)
     live = everyone()
+    if not live:
+        # The common, clean end of a worker: nothing of it is alive, so nothing can fork
+        # later. (A descendant double-forking during this one scan could slip through;
+        # start-up recovery's scan for the attempt's mark is the second net.)
+        return []
     for proc in live:
         _send(proc, signal.SIGTERM)
     _gone, alive = psutil.wait_procs(live, timeout=grace_s)
@@ -319,6 +371,28 @@ def _safe_children(proc: psutil.Process) -> list[psutil.Process]:
 
 def _live(members: list[ProcessIdentity]) -> list[psutil.Process]:
     return [p for p in (m.process() for m in members) if p is not None]
+
+
+def _session_or_marked(session_id: int, mark: str | None) -> list[psutil.Process]:
+    """Live processes in session / process group ``session_id`` or carrying ``mark``,
+    in one pass over the process table (the environment is read only when needed)."""
+    out: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == me:
+                continue
+            in_session = session_id > 0 and session_id in (
+                os.getsid(proc.pid),
+                os.getpgid(proc.pid),
+            )
+            if not in_session and not (mark and proc.environ().get(ATTEMPT_MARK_ENV) == mark):
+                continue
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error, OSError):
+            continue
+    return out
 
 
 def _session_members(session_id: int) -> list[psutil.Process]:

@@ -113,4 +113,5 @@ def build_request(
         "telescope": dataclasses.asdict(cfg.telescope),
         "calibration": dataclasses.asdict(cfg.calibration),
         "gates": dataclasses.asdict(cfg.gates),
+        "threads": cfg.daemon.threads_per_worker(),
     }

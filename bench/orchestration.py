@@ -1,0 +1,343 @@
+"""Benchmark: what orchestration costs, beside the physical floor and Prefect 3.
+
+Prints one line per figure and, last, one JSON object with the keys
+overhead_ms_per_stage, wall_ms_per_stage, worker_ms_per_stage, floor_ms_per_stage,
+prefect_ms_per_stage, cold_start_s, daemon_rss_mb, claim_ms_at_1m_rows,
+status_ms_at_1m_rows (and the parameters). Asserts nothing.
+
+- wall_ms_per_stage: N groups x 5 no-op stages (tests/fake_stage.py, "succeed") through the
+  real daemon path (`contimg-supervisor run --until-idle`, SQLite WAL, every transition
+  committed), wall time divided by 5N.
+- worker_ms_per_stage: the same worker command spawned directly on a prepared request, N x 5
+  times: the worker's own cost (interpreter, imports, result file).
+- overhead_ms_per_stage: wall - worker: what the daemon adds per stage.
+- floor_ms_per_stage: spawning `python -c pass` plus one fsync'd SQLite commit (WAL,
+  synchronous=FULL) per transition (two per stage), measured in the same run
+  (shared/reference/orchbench method).
+- prefect_ms_per_stage: Prefect 3 running the same no-op subprocess stages, local
+  (ephemeral) mode, one flow over all groups, in its own venv (created under the work
+  directory with pip; null with the reason when that is impossible, or with --no-prefect).
+- cold_start_s: `contimg-supervisor run` start to READY=1 on a real notify socket.
+- daemon_rss_mb: the daemon's resident memory after draining the N groups.
+- claim_ms_at_1m_rows / status_ms_at_1m_rows: one claim, and one `status` snapshot, with
+  1,000,000 completed groups in the database (median of repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from supervisor import migrate  # noqa: E402
+from supervisor.db import Database  # noqa: E402
+from tests.conftest import add_pending_group, fake_pipeline_config  # noqa: E402
+
+SCRIPT = str(Path(sys.executable).parent / "contimg-supervisor")
+STAGES = ("preflight", "convert", "calibrate", "image", "register")
+
+
+def _group_ids(n: int, start: datetime) -> list[str]:
+    return [(start + timedelta(seconds=309 * i)).strftime("%Y-%m-%dT%H:%M:%S") for i in range(n)]
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CONTIMG_", "NOTIFY_"))}
+
+
+def daemon_path(workdir: Path, n_groups: int) -> dict[str, float]:
+    """Wall per stage through the real daemon, its cold start and RSS."""
+    ws = workdir / "daemon"
+    (ws / "incoming").mkdir(parents=True)
+    cfg = fake_pipeline_config(
+        ws, settings={"daemon": {"max_parallel": 1, "listen": "127.0.0.1:0"}}
+    )
+    db = Database(cfg.database_url)
+    migrate.upgrade(db)
+    for gid in _group_ids(n_groups, datetime(2025, 10, 5, 12, 0, tzinfo=UTC)):
+        add_pending_group(db, gid)
+    db.dispose()
+    notify = workdir / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(60)
+    env = dict(_clean_env(), NOTIFY_SOCKET=str(notify))
+    cmd = [SCRIPT, "--workspace", str(ws), "--config", str(ws / "fake.toml"), "run"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cold = None
+    while cold is None:
+        if b"READY=1" in sock.recv(4096):
+            cold = time.perf_counter() - t0
+    # Done when every group is completed; the daemon keeps running (idle) for the RSS.
+    url = cfg.database_url.removeprefix("sqlite:///")
+    while True:
+        with sqlite3.connect(url) as conn:
+            done = conn.execute("select count(*) from groups where state='completed'").fetchone()
+        if done[0] >= n_groups:
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {proc.returncode}; see {ws}")
+        time.sleep(0.05)
+    with sqlite3.connect(url) as conn:
+        first, last = conn.execute(
+            "select min(started_at), max(finished_at) from stage_attempts"
+        ).fetchone()
+    span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    rss = psutil.Process(proc.pid).memory_info().rss
+    proc.terminate()
+    proc.wait(timeout=60)
+    sock.close()
+    return {
+        "wall_ms_per_stage": 1000 * span / (5 * n_groups),
+        "cold_start_s": cold,
+        "daemon_rss_mb": rss / 1024**2,
+    }
+
+
+def worker_alone(workdir: Path, n: int) -> float:
+    """ms per direct spawn of the fake worker on a prepared request."""
+    work = workdir / "worker"
+    out = work / "out"
+    out.mkdir(parents=True)
+    request = {
+        "group_id": "2025-10-05T12:00:00",
+        "stage": "preflight",
+        "attempt": 1,
+        "tier": {"index": 0, "name": "primary", "params": {}},
+        "output_dir": str(out),
+        "result_path": str(work / "result.json"),
+    }
+    path = work / "request.json"
+    path.write_text(json.dumps(request))
+    env = dict(_clean_env(), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "tests.fake_stage", "--request", str(path)]
+    t0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(cmd, env=env, cwd=work, check=True, stdout=subprocess.DEVNULL)
+    return 1000 * (time.perf_counter() - t0) / n
+
+
+def floor(workdir: Path, n: int) -> float:
+    """ms per stage: spawn `python -c pass` + two fsync'd WAL commits (FULL)."""
+    conn = sqlite3.connect(workdir / "floor.sqlite3", isolation_level=None)
+    conn.execute("pragma journal_mode=wal")
+    conn.execute("pragma synchronous=full")
+    conn.execute("create table t (id integer primary key, state text)")
+    conn.execute("insert into t values (1, 'x')")
+    t0 = time.perf_counter()
+    for i in range(n):
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        for _ in range(2):
+            conn.execute("begin immediate")
+            conn.execute("update t set state = ? where id = 1", (str(i),))
+            conn.execute("commit")
+    conn.close()
+    return 1000 * (time.perf_counter() - t0) / n
+
+
+PREFECT_FLOW = """
+import subprocess, sys, time
+from prefect import flow, task
+
+@task
+def stage(name: str, group: int) -> None:
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+@flow
+def night(n: int) -> None:
+    for g in range(n):
+        for s in ("preflight", "convert", "calibrate", "image", "register"):
+            stage(s, g)
+
+if __name__ == "__main__":
+    n = int(sys.argv[1])
+    night(1)  # warm: the ephemeral server is up, the database migrated
+    t = time.perf_counter()
+    night(n)
+    print((time.perf_counter() - t) * 1000 / (5 * n))
+"""
+
+
+def prefect(workdir: Path, n: int, venv: Path | None) -> tuple[float | None, str]:
+    venv = venv or workdir / "prefect-venv"
+    python = venv / "bin" / "python"
+    try:
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", "prefect>=3,<4"],
+                check=True,
+                timeout=900,
+            )
+        script = workdir / "prefect_flow.py"
+        script.write_text(PREFECT_FLOW)
+        home = workdir / "prefect-home"
+        env = dict(
+            _clean_env(),
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_LOGGING_LEVEL="WARNING",
+        )
+        env.pop("PREFECT_API_URL", None)
+        done = subprocess.run(
+            [str(python), str(script), str(n)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=True,
+        )
+        version = subprocess.run(
+            [str(python), "-c", "import prefect; print(prefect.__version__)"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return float(done.stdout.strip().splitlines()[-1]), f"prefect {version}"
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        return None, f"not measured: {str(exc)[:200]}"
+
+
+def at_one_million(workdir: Path, rows: int, repeats: int) -> dict[str, float]:
+    """One claim and one status snapshot with ``rows`` completed groups in SQLite."""
+    from supervisor.config import load_config
+    from supervisor.leases import Leases, Owner
+    from supervisor.status import collect_status, queue_snapshot
+
+    ws = workdir / "million"
+    (ws / "incoming").mkdir(parents=True)
+    cfg = load_config(workspace=ws, environ={})
+    db = Database(cfg.database_url)
+    migrate.upgrade(db)
+    db.dispose()
+    url = cfg.database_url.removeprefix("sqlite:///")
+    t0 = time.perf_counter()
+    conn = sqlite3.connect(url)
+    conn.execute("pragma synchronous=off")
+    start = datetime(2020, 1, 1, tzinfo=UTC)
+    cols = [r[1] for r in conn.execute("pragma table_info(groups)")]
+
+    def row(i: int) -> tuple:
+        when = (start + timedelta(seconds=309 * i)).replace(tzinfo=None)
+        stamp = when.strftime("%Y-%m-%d %H:%M:%S.%f")
+        values = {
+            "group_id": when.strftime("%Y-%m-%dT%H:%M:%S"),
+            "obs_start": stamp,
+            "state": "completed",
+            "stage": "register",
+            "is_calibrator": 0,
+            "priority": 1,
+            "attempt": 1,
+            "crash_count": 0,
+            "fallback_tier": 0,
+            "fencing_token": 5,
+            "correlation_id": f"{i:036d}",
+            "first_seen_at": stamp,
+            "updated_at": stamp,
+            "completed_at": stamp,
+        }
+        return tuple(values.get(c) for c in cols)
+
+    marks = ",".join("?" * len(cols))
+    batch = 50_000
+    for b in range(0, rows, batch):
+        conn.executemany(
+            f"insert into groups ({','.join(cols)}) values ({marks})",
+            (row(i) for i in range(b, min(rows, b + batch))),
+        )
+        conn.commit()
+    conn.execute("analyze")
+    conn.commit()
+    conn.close()
+    fill_s = time.perf_counter() - t0
+    db = Database(cfg.database_url)
+    leases = Leases(db, Owner.this_process("bench"), lease_s=120.0)
+    later = start + timedelta(seconds=309 * (rows + 10))
+    claim_ms, status_ms = [], []
+    for r in range(repeats):
+        add_pending_group(db, (later + timedelta(seconds=309 * r)).strftime("%Y-%m-%dT%H:%M:%S"))
+        t = time.perf_counter()
+        claim = leases.claim_next()
+        claim_ms.append(1000 * (time.perf_counter() - t))
+        assert claim is not None
+        t = time.perf_counter()
+        collect_status(db)  # what `status` shows
+        queue_snapshot(db)  # what /metrics and `health` read
+        status_ms.append(1000 * (time.perf_counter() - t))
+    db.dispose()
+    return {
+        "claim_ms_at_1m_rows": statistics.median(claim_ms),
+        "status_ms_at_1m_rows": statistics.median(status_ms),
+        "rows": rows,
+        "fill_s": fill_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--groups", type=int, default=40)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-prefect", action="store_true")
+    parser.add_argument("--prefect-venv", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        d = daemon_path(work, args.groups)
+        print(
+            f"daemon path: {d['wall_ms_per_stage']:.1f} ms/stage wall, cold start "
+            f"{d['cold_start_s']:.2f} s, RSS {d['daemon_rss_mb']:.0f} MB",
+            flush=True,
+        )
+        worker = worker_alone(work, 5 * args.groups)
+        print(f"worker alone: {worker:.1f} ms/spawn", flush=True)
+        floor_ms = floor(work, 5 * args.groups)
+        print(f"floor (spawn + 2 fsync'd commits): {floor_ms:.1f} ms/stage", flush=True)
+        if args.no_prefect:
+            prefect_ms, prefect_note = None, "not measured (--no-prefect)"
+        else:
+            prefect_ms, prefect_note = prefect(work, args.groups, args.prefect_venv)
+        print(f"prefect: {prefect_ms} ms/stage ({prefect_note})", flush=True)
+        million = at_one_million(work, args.rows, args.repeats)
+        print(
+            f"{million['rows']} rows (filled in {million['fill_s']:.0f} s): claim "
+            f"{million['claim_ms_at_1m_rows']:.2f} ms, status "
+            f"{million['status_ms_at_1m_rows']:.1f} ms",
+            flush=True,
+        )
+    figures = {
+        "benchmark": "orchestration",
+        "groups": args.groups,
+        "stages": 5 * args.groups,
+        "wall_ms_per_stage": round(d["wall_ms_per_stage"], 2),
+        "worker_ms_per_stage": round(worker, 2),
+        "overhead_ms_per_stage": round(d["wall_ms_per_stage"] - worker, 2),
+        "floor_ms_per_stage": round(floor_ms, 2),
+        "prefect_ms_per_stage": round(prefect_ms, 2) if prefect_ms is not None else None,
+        "prefect": prefect_note,
+        "cold_start_s": round(d["cold_start_s"], 3),
+        "daemon_rss_mb": round(d["daemon_rss_mb"], 1),
+        "claim_ms_at_1m_rows": round(million["claim_ms_at_1m_rows"], 3),
+        "status_ms_at_1m_rows": round(million["status_ms_at_1m_rows"], 2),
+        "rows": million["rows"],
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
