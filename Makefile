@@ -44,9 +44,15 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) $(DEMO_WORKSPACE) .pytest_cache
 
-bench: $(STAMP)
-	$(VENV)/bin/python bench/simulate_full_size.py 32 16
-	$(VENV)/bin/python bench/simulate_full_size.py 96 48
+# Orchestration overhead (vs the spawn + fsync floor and Prefect 3 in its own venv), cold
+# start, RSS, claims at 1M rows; then a backlog of full-size groups through the real stages
+# (~40 min on 2 cores). The last line is one JSON object. Results: bench/RESULTS.md.
+# ORCH_ARGS="--no-prefect --rows 100000" FULL_ARGS="--groups 2 --antennas 32 --channels 16"
+# for a quick run.
+ORCH_ARGS ?=
+FULL_ARGS ?=
+bench: $(STAMP) $(TOOLS_STAMP)
+	$(VENV)/bin/python bench/all.py "$(ORCH_ARGS)" "$(FULL_ARGS)"
 
 # Chaos at scale, claim races and the bad-input catalogue; the last line is one JSON object.
 # RELIABILITY_ARGS="--groups 20 --kills 30 --claims 500" for a quick run.

@@ -4,6 +4,7 @@
 #   systemd-analyze  (package systemd)     unit verify / security score
 #   promtool         (package prometheus)  extracted from the .deb into the venv's bin/, so
 #                                          no Prometheus server is installed or started
+#   wsclean          (package wsclean)     the image stage's primary imager (else tclean)
 set -uo pipefail
 VENV_BIN=${1:?usage: install-debian-tools.sh VENV_BIN}
 
@@ -33,5 +34,13 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$VENV_BIN/promtool" ]; then
         echo "note: promtool not installed; the promtool tests will skip"
     fi
     rm -rf "$tmp"
+fi
+if ! command -v wsclean >/dev/null 2>&1; then
+    if can_apt && apt_update && DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends wsclean >/dev/null 2>&1; then
+        echo "installed wsclean (Debian package wsclean)"
+    else
+        echo "note: wsclean not installed; images are made with tclean (slower)"
+    fi
 fi
 exit 0

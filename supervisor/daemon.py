@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TextIO
 
 import structlog
@@ -52,7 +53,7 @@ from supervisor.models import DaemonRecord, Group, StageAttempt, utcnow
 from supervisor.notify import Notifier
 from supervisor.policy import Classifier
 from supervisor.resources import Admission, Probe
-from supervisor.runner import kill_leftover
+from supervisor.runner import kill_leftover, read_worker_identity
 from supervisor.states import State, transition
 from supervisor.status import queue_snapshot
 
@@ -150,6 +151,8 @@ class Daemon:
             owner = Owner.parse(owner_text)
             if owner is None or not owner.provably_dead_here(node):
                 continue
+            if not pid:  # a running attempt's pid is in its workdir (executor._on_worker_start)
+                pid, start_time = read_worker_identity(Path(workdir)) or (None, None)
             if kill_leftover(
                 pid or -1, start_time or 0.0, self.cfg.daemon.term_grace_s, mark=workdir
             ):
@@ -283,11 +286,7 @@ class Daemon:
         return self.admission.check(group.stage or "", input_bytes)
 
     def _start_attempt(self, claim: Claim) -> None:
-        from supervisor.leases import input_bytes
-
-        with self.db.transaction() as s:
-            size = input_bytes(s, claim.group_id)
-        self.admission.reserve(claim.key, claim.stage, size)
+        self.admission.reserve(claim.key, claim.stage, claim.input_bytes)
         thread = threading.Thread(
             target=self._attempt,
             args=(claim,),
@@ -665,7 +664,7 @@ class Daemon:
                 return True
         self.jobs.run_now("reaper")
         self.jobs.run_now("calibration_expiry")
-        with self.db.transaction() as s:
+        with self.db.read() as s:
             active = s.scalar(
                 select(func.count()).select_from(Group).where(Group.state.in_(ACTIVE_STATES))
             )
@@ -674,7 +673,9 @@ class Daemon:
     def _idle_wait_s(self) -> float:
         """Sleep until the next retry is due, but at most the idle poll period."""
         wait = min(self.cfg.daemon.idle_poll_s, self.cfg.daemon.heartbeat_row_s)
-        with self.db.transaction() as s:
+        if len(self.running) >= self.cfg.daemon.max_parallel:
+            return wait  # every slot busy: only an attempt's end (it wakes us) frees one
+        with self.db.read() as s:
             due = s.scalar(
                 select(func.min(Group.next_attempt_at)).where(Group.state == State.RETRY_WAIT.value)
             )

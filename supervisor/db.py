@@ -17,15 +17,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, *, busy_timeout_ms: int = 30000, echo: bool = False) -> Engine:
-    """Create an engine for ``url`` with the pragmas and begin mode described above."""
+def make_engine(
+    url: str, *, busy_timeout_ms: int = 30000, echo: bool = False, read_only: bool = False
+) -> Engine:
+    """Create an engine for ``url`` with the pragmas and begin mode described above
+    (``read_only``: SQLite transactions begin DEFERRED and never take the write lock)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, echo=echo, connect_args={"timeout": busy_timeout_ms / 1000})
-        _configure_sqlite(engine, busy_timeout_ms)
+        _configure_sqlite(engine, busy_timeout_ms, "BEGIN" if read_only else "BEGIN IMMEDIATE")
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # psycopg 3 is the driver we ship; a bare postgresql:// would look for psycopg2.
@@ -33,7 +36,7 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30000, echo: bool = False) -
     return create_engine(url, echo=echo, pool_pre_ping=True)
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int, begin: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module so that we can BEGIN
@@ -48,7 +51,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin)
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -62,6 +65,14 @@ class Database:
         self.url = url
         self.engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: reads that must not queue behind (or hold up) a writer for the write
+        # lock; in WAL mode a reader sees the last committed state and blocks nobody.
+        self._read_engine = (
+            make_engine(url, busy_timeout_ms=busy_timeout_ms, read_only=True)
+            if is_sqlite(self.engine) and make_url(url).database not in (None, "", ":memory:")
+            else self.engine
+        )
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -69,5 +80,14 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only snapshot (it must not write: SQLite would then need the lock it
+        did not take, and fail rather than wait)."""
+        with self._read_sessions() as session, session.begin():
+            yield session
+
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._read_engine is not self.engine:
+            self._read_engine.dispose()

@@ -40,6 +40,7 @@ from supervisor.runner import (
     run_worker,
     worker_command,
     worker_environment,
+    write_worker_identity,
 )
 from supervisor.stage_request import AttemptPaths, attempt_paths, build_request
 from supervisor.states import Stage, StaleTransition, State, next_stage, transition
@@ -86,11 +87,12 @@ class StageExecutor:
             claim, plan = chosen
         tier = stage_cfg.tiers[min(claim.tier, len(stage_cfg.tiers) - 1)]
         paths = attempt_paths(self.cfg, claim)
+        # The attempt row first: another node's start-up cleanup deletes staging areas
+        # that no running attempt owns, and must not catch this one in between. One
+        # transaction with the request's reads: one fsync'd commit, not two.
         with self.db.transaction() as s:
             request = build_request(s, self.cfg, claim, tier, paths, plan)
-        # The attempt row first: another node's start-up cleanup deletes staging areas
-        # that no running attempt owns, and must not catch this one in between.
-        attempt_id = self._record_attempt_start(claim, tier.name, paths)
+            attempt_id = self._add_attempt_row(s, claim, paths)
         for stale in (paths.workdir, paths.output_dir):
             shutil.rmtree(stale, ignore_errors=True)  # a token is never reused; be safe
         paths.workdir.mkdir(parents=True)
@@ -114,7 +116,7 @@ class StageExecutor:
             heartbeat_s=self.cfg.daemon.heartbeat_s,
             heartbeat=lambda: self._heartbeat(claim),
             should_stop=self.should_stop,
-            on_start=lambda started: self._on_worker_start(attempt_id, started),
+            on_start=lambda started: self._on_worker_start(paths, started),
             stall_timeout_s=stage_cfg.stall_timeout_s,
             watch_files=(paths.casa_log,),
             memory_limit_bytes=int(stage_cfg.memory_limit_gb * 1024**3),
@@ -199,40 +201,33 @@ class StageExecutor:
             )
         return to.value
 
-    def _record_attempt_start(self, claim: Claim, tier_name: str, paths: AttemptPaths) -> int:
-        with self.db.transaction() as s:
-            row = StageAttempt(
-                group_id=claim.group_id,
-                stage=claim.stage,
-                attempt=claim.attempt,
-                fallback_tier=claim.tier,
-                fencing_token=claim.fencing_token,
-                outcome="running",
-                owner=claim.owner,
-                workdir=str(paths.workdir),
-                started_at=self.leases.now(s),
-                correlation_id=claim.correlation_id,
-            )
-            s.add(row)
-            s.flush()
-            return row.id
+    def _add_attempt_row(self, s: Any, claim: Claim, paths: AttemptPaths) -> int:
+        row = StageAttempt(
+            group_id=claim.group_id,
+            stage=claim.stage,
+            attempt=claim.attempt,
+            fallback_tier=claim.tier,
+            fencing_token=claim.fencing_token,
+            outcome="running",
+            owner=claim.owner,
+            workdir=str(paths.workdir),
+            started_at=self.leases.now(s),
+            correlation_id=claim.correlation_id,
+        )
+        s.add(row)
+        s.flush()
+        return row.id
 
-    def _on_worker_start(self, attempt_id: int, started: WorkerStarted) -> None:
+    def _on_worker_start(self, paths: AttemptPaths, started: WorkerStarted) -> None:
+        """Leave the worker's identity beside its request for start-up recovery. A file,
+        not a database commit: it matters only while this node is up (a reboot ends the
+        worker), so it needs no fsync; the attempt row gets it when the attempt ends, and
+        recovery also finds the worker's processes by the attempt's mark."""
         try:
-            self._record_pid(attempt_id, started)
-        except DBAPIError as exc:  # the worker runs on; a restart finds it by its mark
+            write_worker_identity(paths.workdir, started)
+        except OSError as exc:  # the worker runs on; a restart finds it by its mark
             log.warning("attempt.pid_not_recorded", pid=started.pid, error=str(exc)[:300])
         faults.point("after_worker_start")
-
-    def _record_pid(self, attempt_id: int, started: WorkerStarted) -> None:
-        with self.db.transaction() as s:
-            row = s.get(StageAttempt, attempt_id)
-            if row is not None:
-                row.pid, row.pgid, row.proc_start_time = (
-                    started.pid,
-                    started.pgid,
-                    started.create_time,
-                )
 
     def _heartbeat(self, claim: Claim) -> bool:
         try:
@@ -712,6 +707,9 @@ def _fill_attempt(
 ) -> None:
     attempt.outcome = outcome_name
     attempt.finished_at = now
+    if outcome.pid:
+        attempt.pid, attempt.pgid = outcome.pid, outcome.pid
+        attempt.proc_start_time = outcome.create_time
     attempt.exit_code = outcome.returncode
     attempt.peak_rss_bytes = outcome.peak_rss_bytes or None
     attempt.result = outcome.result

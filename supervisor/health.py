@@ -66,7 +66,7 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
         checks.append(Check("database", "unhealthy", f"not writable: {type(exc).__name__}: {exc}"))
     record = None
     if now is not None:
-        with db.transaction() as s:
+        with db.read() as s:
             record = s.scalars(
                 select(DaemonRecord)
                 .where(DaemonRecord.node == node)

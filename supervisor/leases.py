@@ -80,6 +80,7 @@ class Claim:
     owner: str
     correlation_id: str
     lease_expires_at: datetime
+    input_bytes: int = 0  # the group's ready UVH5 bytes (resource estimates scale with it)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -147,10 +148,12 @@ class Leases:
                 query = query.with_for_update(skip_locked=True)
             refused: set[str] = set()
             group = None
+            size = 0
             for candidate in s.scalars(query):
                 if candidate.stage in refused:
                     continue
-                if admit is not None and admit(candidate, input_bytes(s, candidate.group_id)):
+                size = input_bytes(s, candidate.group_id)
+                if admit is not None and admit(candidate, size):
                     refused.add(candidate.stage or "")
                     continue
                 group = candidate
@@ -183,6 +186,7 @@ class Leases:
                 str(self.owner),
                 group.correlation_id,
                 expires,
+                size,
             )
 
     def heartbeat(self, claim: Claim) -> bool:

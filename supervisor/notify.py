@@ -49,8 +49,14 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block the scheduling loop on a reader that is not reading (a full
+                # datagram queue): the message is dropped instead, and said so.
+                self._sock.setblocking(False)
             self._sock.sendto(payload, self.address)
             return True
+        except BlockingIOError:
+            log.warning("notify.dropped", reason="notify socket queue full", fields=list(fields))
+            return False
         except OSError as exc:
             log.warning("notify.failed", error=str(exc), fields=list(fields))
             return False

@@ -75,6 +75,8 @@ class RunOutcome:
     stderr_tail: str = ""
     survivors: list[int] = field(default_factory=list)  # pids that would not die (should be [])
     peak_rss_bytes: int = 0  # the worker and its descendants, sampled while it ran
+    pid: int = 0  # the worker (its session and process group have the same id)
+    create_time: float = 0.0
 
     @property
     def interrupted(self) -> bool:
@@ -158,16 +160,21 @@ def run_worker(
         create_time = 0.0
     on_start(WorkerStarted(proc.pid, proc.pid, create_time))
     seen: dict[int, ProcessIdentity] = {proc.pid: ProcessIdentity(proc.pid, create_time)}
-    outcome = RunOutcome(returncode=None, duration_s=0.0)
+    outcome = RunOutcome(returncode=None, duration_s=0.0, pid=proc.pid, create_time=create_time)
     next_beat = started + heartbeat_s
     poll_s = min(0.2, heartbeat_s)
     watched = (cwd / "worker.stdout", stderr_path, *watch_files)
     activity = _activity(proc.pid, seen, watched)
     active_at = started
     exited = _ExitWatch(proc)
+    polls = 0
     while True:
-        _remember_descendants(proc.pid, seen)
-        outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, _tree_rss(proc.pid))
+        # Not before the first wait: a worker that ends within it (most do in tests, and
+        # every no-op) costs no process-table scan; wait4 reports its peak RSS.
+        if polls:
+            _remember_descendants(proc.pid, seen)
+            outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, _tree_rss(proc.pid))
+        polls += 1
         if exited.wait(poll_s):
             break
         now = monotonic()
@@ -241,6 +248,25 @@ class _ExitWatch:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+WORKER_IDENTITY_FILE = "worker.pid"
+
+
+def write_worker_identity(workdir: Path, started: WorkerStarted) -> None:
+    """``workdir/worker.pid``: the running worker's pid and start time, as JSON."""
+    (workdir / WORKER_IDENTITY_FILE).write_text(
+        json.dumps({"pid": started.pid, "pgid": started.pgid, "create_time": started.create_time})
+    )
+
+
+def read_worker_identity(workdir: Path) -> tuple[int, float] | None:
+    """(pid, create_time) from ``workdir/worker.pid``, or None."""
+    try:
+        data = json.loads((workdir / WORKER_IDENTITY_FILE).read_text())
+        return int(data["pid"]), float(data["create_time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:

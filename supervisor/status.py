@@ -30,7 +30,7 @@ def group_summary(group: Group, files_ready: int | None = None) -> dict[str, Any
 
 def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
     """``{"states": {state: count}, "groups": [...newest first], "rejected_files": n}``."""
-    with db.transaction() as s:
+    with db.read() as s:
         counts = dict(s.execute(select(Group.state, func.count()).group_by(Group.state)).all())
         newest = s.scalars(select(Group).order_by(Group.obs_start.desc()).limit(limit)).all()
         ready_counts = dict(
@@ -115,7 +115,7 @@ def queue_snapshot(db: Database) -> dict[str, Any]:
     from supervisor.leases import database_now
     from supervisor.models import CalibrationSet
 
-    with db.transaction() as s:
+    with db.read() as s:
         now = database_now(s)
         counts = dict(s.execute(select(Group.state, func.count()).group_by(Group.state)).all())
         oldest = s.scalar(select(func.min(Group.first_seen_at)).where(Group.state.in_(RUNNABLE)))

@@ -17,6 +17,7 @@ from supervisor.config import Config
 from supervisor.daemon import Daemon
 from supervisor.db import Database
 from supervisor.models import Artifact, Group, StageAttempt, Transition
+from supervisor.runner import read_worker_identity
 from supervisor.states import State
 from tests.conftest import add_pending_group, fake_pipeline_config
 
@@ -299,7 +300,9 @@ def test_restart_kills_the_worker_a_dead_daemon_left_running(pipeline) -> None: 
     ]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not [a for a in attempts(db) if a.stage == "convert" and a.pid]:
+    while not [
+        a for a in attempts(db) if a.stage == "convert" and read_worker_identity(Path(a.workdir))
+    ]:
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.1)
     os.kill(first.pid, signal.SIGKILL)

@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from supervisor.db import Database
 from supervisor.models import Group, StageAttempt
+from supervisor.runner import read_worker_identity
 from tests.conftest import add_pending_group, fake_pipeline_config
 from tests.test_pipeline import fake_processes
 
@@ -147,7 +148,8 @@ def wait_running(db: Database, stage: str, timeout: float = 30.0) -> StageAttemp
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for a in attempt_rows(db):
-            if a.stage == stage and a.outcome == "running" and a.pid:
+            started = a.outcome == "running" and read_worker_identity(Path(a.workdir))
+            if a.stage == stage and started:
                 return a
         time.sleep(0.05)
     raise AssertionError(f"no running {stage} attempt")
@@ -357,3 +359,27 @@ def test_every_line_of_an_attempt_carries_its_identity_and_the_worker_gets_it(
         request = json.loads(Path(a.workdir, "request.json").read_text())
         result = json.loads(Path(a.workdir, "result.json").read_text())
         assert request["correlation_id"] == result["correlation_id"] == correlation
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_daemon(tmp_path: Path) -> None:
+    """A full datagram queue (a reader that stopped reading) drops the message instead of
+    blocking the scheduling loop: found when a benchmark stopped reading after READY=1 and
+    the daemon hung in sendto for ten minutes."""
+    from supervisor.notify import Notifier
+
+    path = tmp_path / "notify.sock"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.bind(str(path))
+    notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+    results: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: results.extend(notifier.status(f"{i:04d} " + "x" * 200) for i in range(5000))
+    )
+    sender.start()
+    sender.join(timeout=30)
+    assert not sender.is_alive(), "sd_notify blocked on a full queue"
+    assert results[0] is True and results.count(False) > 0  # some got through, the rest dropped
+    assert reader.recv(4096).startswith(b"STATUS=0000")
+    reader.close()
+    notifier.close()

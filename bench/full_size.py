@@ -1,0 +1,195 @@
+"""Benchmark: a backlog of groups through the real daemon and the real CASA/WSClean stages,
+at full DSA-110 size by default (96 antennas x 48 channels x 16 subbands x 24 integrations),
+the first group a calibrator transit (3C48). Prints figures and, last, one JSON object.
+Asserts nothing.
+
+- seconds_per_group: wall time from the daemon's start to the last group's end, over the
+  groups (sustained under a backlog: the daemon pipelines stages across groups);
+- realtime_factor: 309 s (the cadence) / seconds_per_group;
+- cpu_busy_fraction: 1 - idle share of all CPUs over the run (psutil, sampled each second);
+- per stage: mean wall seconds and the largest worker peak RSS (stage_attempts);
+- image: imager, field (deg), image size, smearing at the edge, calibrator flux ratio,
+  rms / theory of each group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from supervisor.simulate import SimulationSpec, simulate  # noqa: E402
+
+SCRIPT = str(Path(sys.executable).parent / "contimg-supervisor")
+CADENCE_S = 309.0
+STAGES = ("preflight", "convert", "calibrate", "image", "register")
+
+
+class CpuSampler(threading.Thread):
+    """Busy fraction of all CPUs between start() and stop()."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.halt = threading.Event()
+        self.samples: list[float] = []
+
+    def run(self) -> None:
+        psutil.cpu_percent(interval=None)
+        while not self.halt.wait(1.0):
+            self.samples.append(psutil.cpu_percent(interval=None) / 100.0)
+
+    def stop(self) -> float:
+        self.halt.set()
+        self.join()
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+
+def run_backlog(
+    work: Path, n_groups: int, n_antennas: int, n_channels: int, max_parallel: int
+) -> dict:
+    ws = work / f"ws-{n_antennas}x{n_channels}"
+    incoming = ws / "incoming"
+    incoming.mkdir(parents=True)
+    t = time.perf_counter()
+    simulate(
+        incoming,
+        SimulationSpec(
+            n_groups=n_groups,
+            calibrator="3C48",
+            calibrator_group=0,
+            n_antennas=n_antennas,
+            n_channels_per_subband=n_channels,
+            seed=2026,
+        ),
+    )
+    simulate_s = time.perf_counter() - t
+    config = ws / "bench.toml"
+    config.write_text(
+        f'[daemon]\nmax_parallel = {max_parallel}\nlisten = ""\nidle_poll_s = 0.5\n'
+        "[ingest]\npoll_interval_s = 1.0\nstability_interval_s = 0.0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTIMG_", "NOTIFY_"))}
+    base = [SCRIPT, "--workspace", str(ws), "--config", str(config)]
+    subprocess.run([*base, "db", "upgrade"], env=env, check=True, capture_output=True)
+    sampler = CpuSampler()
+    sampler.start()
+    t = time.perf_counter()
+    done = subprocess.run(
+        [*base, "run", "--until-idle"],
+        env=env,
+        stdout=(ws / "daemon.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    wall = time.perf_counter() - t
+    busy = sampler.stop()
+    db = sqlite3.connect(ws / "state" / "contimg.sqlite3")
+    states = dict(db.execute("select state, count(*) from groups group by state").fetchall())
+    rows = db.execute(
+        "select stage, outcome, (julianday(finished_at) - julianday(started_at)) * 86400, "
+        "peak_rss_bytes, result from stage_attempts"
+    ).fetchall()
+    db.close()
+    per_stage: dict[str, dict] = {}
+    images = []
+    for stage, outcome, seconds, rss, result in rows:
+        if outcome != "succeeded":
+            continue
+        entry = per_stage.setdefault(stage, {"seconds": [], "peak_rss_mb": 0.0})
+        entry["seconds"].append(seconds)
+        entry["peak_rss_mb"] = max(entry["peak_rss_mb"], (rss or 0) / 1024**2)
+        if stage == "image":
+            m = json.loads(result)["metrics"]
+            images.append(
+                {
+                    k: m.get(k)
+                    for k in (
+                        "imager",
+                        "field_deg",
+                        "imsize",
+                        "cell_arcsec",
+                        "chan_avg",
+                        "smearing_loss_at_edge",
+                        "imager_s",
+                        "channel_average_s",
+                        "rms_over_theory",
+                        "calibrator_flux_ratio",
+                        "beam_major_arcsec",
+                        "beam_minor_arcsec",
+                    )
+                }
+            )
+    return {
+        "groups": n_groups,
+        "antennas": n_antennas,
+        "channels_per_subband": n_channels,
+        "max_parallel": max_parallel,
+        "daemon_exit": done.returncode,
+        "states": states,
+        "simulate_s": round(simulate_s, 1),
+        "wall_s": round(wall, 1),
+        "seconds_per_group": round(wall / n_groups, 1),
+        "realtime_factor": round(CADENCE_S / (wall / n_groups), 3),
+        "cpu_busy_fraction": round(busy, 3),
+        "stages": {
+            s: {
+                "mean_s": round(statistics.fmean(v["seconds"]), 1),
+                "max_s": round(max(v["seconds"]), 1),
+                "peak_rss_mb": round(v["peak_rss_mb"]),
+            }
+            for s, v in sorted(per_stage.items(), key=lambda kv: STAGES.index(kv[0]))
+        },
+        "images": images,
+        "workspace": str(ws),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--antennas", type=int, default=96)
+    parser.add_argument("--channels", type=int, default=48)
+    parser.add_argument("--small-groups", type=int, default=4, help="groups at 32 x 16")
+    parser.add_argument("--max-parallel", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the workspaces")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(dir=args.workdir, prefix="contimg-bench-")
+    work = Path(tmp)
+    small = run_backlog(work, args.small_groups, 32, 16, args.max_parallel)
+    print(f"32 x 16: {json.dumps(small)}", flush=True)
+    full = run_backlog(work, args.groups, args.antennas, args.channels, args.max_parallel)
+    print(f"{args.antennas} x {args.channels}: {json.dumps(full)}", flush=True)
+    if not args.keep:
+        subprocess.run(["rm", "-rf", tmp], check=False)
+    figures = {
+        "benchmark": "full_size",
+        "seconds_per_group_full": full["seconds_per_group"],
+        "realtime_factor": full["realtime_factor"],
+        "cpu_busy_fraction": full["cpu_busy_fraction"],
+        "stage_seconds": {s: v["mean_s"] for s, v in full["stages"].items()},
+        "stage_peak_rss_mb": {s: v["peak_rss_mb"] for s, v in full["stages"].items()},
+        "image_field_deg": full["images"][0]["field_deg"] if full["images"] else None,
+        "imager": full["images"][0]["imager"] if full["images"] else None,
+        "seconds_per_group_32x16": small["seconds_per_group"],
+        "groups_full": full["groups"],
+        "states_full": full["states"],
+        "size": f"{args.antennas}x{args.channels}x16x24",
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
