@@ -86,6 +86,11 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
         "calibrator_offset_deg": plan["model"][0].get("offset_deg"),
         "calibrator_pb_gain_1p4ghz": plan["model"][0].get("pb_gain_1p4ghz"),
         "refant": refant,
+        "model_sources": len(plan["model"]),
+        "model_field_flux_jy_1p4ghz": sum(
+            float(m.get("apparent_flux_jy_1p4ghz", 0.0)) for m in plan["model"][1:]
+        ),
+        "sky_model": plan.get("sky_model"),
         "flagged_fraction_before_apply": facts["flagged_fraction"],
         "solution_flag_fraction": {k: q["flag_fraction"] for k, q in quality.items()},
         "bandpass_snr_median": quality["B"]["snr_median"],
@@ -191,8 +196,9 @@ def apparent_spectrum(src: dict[str, Any], freqs_hz: np.ndarray, dish_m: float) 
 def write_model(
     cl_path: Path, model: list[dict[str, Any]], facts: dict[str, Any], dish_m: float
 ) -> None:
-    """A CASA component list of ``model``: point sources at their J2000 positions with a
-    tabular spectrum (catalogue spectrum x primary beam) sampled across the MS's band."""
+    """A CASA component list of ``model``: sources at their J2000 positions (points, or
+    Gaussians where the catalogue gives a size) with a tabular spectrum (catalogue
+    spectrum x primary beam) sampled across the MS's band."""
     from casatools import componentlist
 
     lo, hi = facts["freq_min_hz"], facts["freq_max_hz"]
@@ -200,12 +206,21 @@ def write_model(
     cl = componentlist()
     for i, src in enumerate(model):
         spectrum = apparent_spectrum(src, freqs, dish_m)
+        major = float(src.get("major_arcsec") or 0.0)
+        shape: dict[str, Any] = {"shape": "point"}
+        if major > 0:  # a resolved catalogue source: its deconvolved Gaussian
+            shape = {
+                "shape": "Gaussian",
+                "majoraxis": f"{major}arcsec",
+                "minoraxis": f"{max(float(src.get('minor_arcsec') or 0.0), 0.01)}arcsec",
+                "positionangle": f"{float(src.get('pa_deg') or 0.0)}deg",
+            }
         cl.addcomponent(
             dir=f"J2000 {src['ra_deg']}deg {src['dec_deg']}deg",
             flux=float(np.interp(1.4e9, freqs, spectrum)),
             fluxunit="Jy",
             freq="1.4GHz",
-            shape="point",
+            **shape,
         )
         # LSRK: CASA cannot convert TOPO without a position and epoch; the difference
         # (~1e-4 in frequency) is immaterial for a smooth spectrum.

@@ -44,6 +44,7 @@ from supervisor.config import Config, StageTier
 from supervisor.errors import Category, Failure
 from supervisor.models import CalibrationSet, CalibrationTable, Group, StageAttempt
 from supervisor.simulate import INTEGRATION_S
+from supervisor.skymodel import field_model, read_catalogue
 from supervisor.states import Actor, State, transition
 
 log = structlog.get_logger(__name__)
@@ -69,6 +70,7 @@ class CalibrationPlan:
     tables: tuple[dict[str, str], ...] = ()
     model: tuple[dict[str, Any], ...] = ()
     skipped: tuple[dict[str, str], ...] = ()  # earlier tiers that could not apply, and why
+    sky_model: str | None = None  # the field catalogue the model's other sources came from
 
     def as_request(self) -> dict[str, Any]:
         return {
@@ -79,6 +81,7 @@ class CalibrationPlan:
             "tables": list(self.tables),
             "model": list(self.model),
             "skipped": list(self.skipped),
+            "sky_model": self.sky_model,
         }
 
 
@@ -300,13 +303,14 @@ def attempts_summary(
 def _solve_plan(group: Group, cfg: Config, cal: Calibrator, tier: str) -> CalibrationPlan:
     """Solve on ``cal`` where it really is at mid-group: its offset from the meridian
     pointing centre and the 1.4 GHz beam gain there (the worker applies the beam's
-    frequency dependence across the band)."""
+    frequency dependence across the band); with a sky catalogue configured, the field's
+    other sources join the model (the gains must not absorb them)."""
     mid = group_mid_time(group)
     centre_ra = lst_deg(mid, cfg.telescope.longitude_deg)
     dec = group.pointing_dec_deg if group.pointing_dec_deg is not None else cal.dec_deg
     offset = angular_separation_deg(cal.ra_deg, cal.dec_deg, centre_ra, dec)
     gain = primary_beam_gain(offset, 1.4e9, cfg.telescope.dish_diameter_m)
-    model = (
+    model: tuple[dict[str, Any], ...] = (
         {
             "name": cal.name,
             "ra_deg": cal.ra_deg,
@@ -316,9 +320,27 @@ def _solve_plan(group: Group, cfg: Config, cal: Calibrator, tier: str) -> Calibr
             "spectral_index": cal.spectral_index,
             "offset_deg": offset,
             "pb_gain_1p4ghz": gain,
+            "origin": "calibrator_catalogue",
         },
     )
-    return CalibrationPlan("solve", tier, cal.name, model=model)
+    sky = cfg.sky_catalogue_path
+    if sky is not None:
+        c = cfg.calibration
+        model += tuple(
+            field_model(
+                read_catalogue(sky),
+                centre_ra,
+                dec,
+                dish_m=cfg.telescope.dish_diameter_m,
+                min_beam_gain=c.sky_model_min_beam_gain,
+                min_apparent_jy=c.sky_model_min_apparent_jy,
+                max_sources=c.sky_model_max_sources,
+                exclude=((cal.ra_deg, cal.dec_deg),),
+            )
+        )
+    return CalibrationPlan(
+        "solve", tier, cal.name, model=model, sky_model=str(sky) if sky else None
+    )
 
 
 def _registered_set(s: Session, group: Group, cfg: Config, source: str) -> CalibrationSet | None:

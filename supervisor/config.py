@@ -107,6 +107,18 @@ class CalibrationConfig:
     min_apparent_flux_jy: float = _field(
         2.0, min=0, help="a calibrator is solved on only if catalogue flux x beam gain reaches this"
     )
+    sky_catalogue: str = _field(
+        "",
+        help="field sky model for calibrator solves: an NVSS-like CSV (supervisor/skymodel.py);"
+        " empty: the model holds the calibrator only",
+    )
+    sky_model_min_apparent_jy: float = _field(
+        0.01, min=0, help="field sources fainter than this after the 1.4 GHz beam are left out"
+    )
+    sky_model_min_beam_gain: float = _field(
+        0.05, min=0, max=1, help="field sources where the 1.4 GHz beam is below this are left out"
+    )
+    sky_model_max_sources: int = _field(200, min=0, help="the brightest this many at most")
 
 
 @dataclass(frozen=True)
@@ -348,6 +360,13 @@ class Config:
         if not self.calibration.catalogue:
             return DEFAULT_CATALOGUE_PATH
         p = Path(self.calibration.catalogue).expanduser()
+        return p if p.is_absolute() else Path(self.workspace) / p
+
+    @property
+    def sky_catalogue_path(self) -> Path | None:
+        if not self.calibration.sky_catalogue:
+            return None
+        p = Path(self.calibration.sky_catalogue).expanduser()
         return p if p.is_absolute() else Path(self.workspace) / p
 
     def as_dict(self) -> dict[str, Any]:
@@ -604,4 +623,26 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     ws = workspace or env.get("CONTIMG_WORKSPACE") or cfg.workspace or os.getcwd()
-    return dataclasses.replace(cfg, workspace=str(Path(ws).expanduser().resolve()))
+    cfg = dataclasses.replace(cfg, workspace=str(Path(ws).expanduser().resolve()))
+    problems = _file_checks(cfg)  # files named relative to the workspace, now known
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _file_checks(cfg: Config) -> list[str]:
+    """Files the configuration names, read as strictly as the daemon will read them."""
+    out: list[str] = []
+    sky = cfg.sky_catalogue_path
+    if sky is not None:
+        from supervisor.skymodel import CatalogueError, read_catalogue
+
+        try:
+            read_catalogue(sky)
+        except FileNotFoundError:
+            out.append(f"calibration.sky_catalogue = {str(sky)!r}: no such file")
+        except CatalogueError as exc:
+            out.extend(f"calibration.sky_catalogue: {p}" for p in exc.problems)
+        except OSError as exc:
+            out.append(f"calibration.sky_catalogue = {str(sky)!r}: unreadable: {exc}")
+    return out

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TextIO
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from supervisor import __version__, calibration, faults, health, metrics, reconcile, retention
@@ -49,7 +49,7 @@ from supervisor.ingest import Ingestor
 from supervisor.jobs import PeriodicJobs
 from supervisor.leases import Claim, Leases, Owner, database_now
 from supervisor.listener import Listener
-from supervisor.models import DaemonRecord, Group, StageAttempt, utcnow
+from supervisor.models import CLAIMABLE_SQL, DaemonRecord, Group, StageAttempt, utcnow
 from supervisor.notify import Notifier
 from supervisor.policy import Classifier
 from supervisor.resources import Admission, Probe
@@ -677,7 +677,9 @@ class Daemon:
             return wait  # every slot busy: only an attempt's end (it wakes us) frees one
         with self.db.read() as s:
             due = s.scalar(
-                select(func.min(Group.next_attempt_at)).where(Group.state == State.RETRY_WAIT.value)
+                select(func.min(Group.next_attempt_at)).where(
+                    text(CLAIMABLE_SQL), Group.state == State.RETRY_WAIT.value
+                )
             )
             now = self.leases.now(s)
         if due is not None:

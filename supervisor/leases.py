@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from supervisor import metrics
 from supervisor.db import Database, is_sqlite
 from supervisor.errors import Category, Failure
-from supervisor.models import Group, StageAttempt, SubbandFile
+from supervisor.models import CLAIMABLE_SQL, Group, StageAttempt, SubbandFile
 from supervisor.states import Actor, State, transition
 
 log = structlog.get_logger(__name__)
@@ -134,10 +134,11 @@ class Leases:
             query = (
                 select(Group)
                 .where(
+                    text(CLAIMABLE_SQL),  # the partial index's own term (models.Group)
                     or_(
                         Group.state == State.PENDING.value,
                         and_(Group.state == State.RETRY_WAIT.value, Group.next_attempt_at <= now),
-                    )
+                    ),
                 )
                 .order_by(Group.priority, Group.obs_start)
                 .limit(scan_limit)

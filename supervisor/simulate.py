@@ -98,6 +98,9 @@ class SimulationSpec:
     longitude_deg: float = -118.2825
     altitude_m: float = 1222.0
     dish_diameter_m: float = 4.65
+    catalogue_flux_error: float = 0.03  # the sky catalogue's fractional flux error (rms)
+    catalogue_position_error_arcsec: float = 1.0  # ... and position error per coordinate
+    catalogue_limit_mjy: float = 2.5  # ... and its completeness limit (NVSS: ~2.5 mJy)
 
     def __post_init__(self) -> None:
         problems = []
@@ -572,7 +575,46 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
             enu_m=enu,
             delay_ns=delay_ns,
         )
+    write_sky_catalogue(out / "truth" / "sky_catalogue.csv", truths, spec)
     return truths
+
+
+def write_sky_catalogue(path: Path, truths: list[GroupTruth], spec: SimulationSpec) -> int:
+    """A survey catalogue of the night's field sources (NVSS-like CSV, the format of
+    supervisor/skymodel.py) with a real survey's errors: flux densities off by
+    ``catalogue_flux_error`` (fractional rms), positions by ``catalogue_position_error_arcsec``
+    (rms per coordinate), sources below ``catalogue_limit_mjy`` left out. The catalogue
+    calibrators are left out too (they are modelled from their own catalogue). Its own
+    random stream: writing it changes nothing else the simulator draws. Returns the rows."""
+    rng = np.random.default_rng(spec.seed + 7_000_003)
+    calibrators = {c.name for c in load_catalogue()}
+    rows = []
+    seen: set[str] = set()
+    for truth in truths:
+        for src in truth.sources:
+            key = f"{src['ra_deg']:.6f}{src['dec_deg']:+.6f}"
+            if src["name"] in calibrators or key in seen:
+                continue
+            seen.add(key)
+            flux_mjy = float(src["flux_jy_1p4ghz"]) * 1000.0
+            if flux_mjy < spec.catalogue_limit_mjy:
+                continue
+            sigma_deg = spec.catalogue_position_error_arcsec / 3600.0
+            dec = float(src["dec_deg"]) + rng.normal(0.0, sigma_deg)
+            ra = float(src["ra_deg"]) + rng.normal(0.0, sigma_deg) / math.cos(math.radians(dec))
+            measured = flux_mjy * (1.0 + rng.normal(0.0, spec.catalogue_flux_error))
+            rows.append(
+                f"{truth.group_id}_{src['name']},{ra % 360.0:.7f},{dec:.7f},{measured:.2f},"
+                f"{float(src['spectral_index']):.3f}"
+            )
+    path.write_text(
+        "# Simulated survey catalogue (NVSS-like): flux density at 1.4 GHz in mJy, J2000.\n"
+        f"# errors: {spec.catalogue_flux_error:.0%} flux, "
+        f"{spec.catalogue_position_error_arcsec:g} arcsec position; limit "
+        f"{spec.catalogue_limit_mjy:g} mJy\n"
+        "name,ra_deg,dec_deg,flux_mjy,spectral_index\n" + "".join(r + "\n" for r in rows)
+    )
+    return len(rows)
 
 
 def _subband_visibilities(

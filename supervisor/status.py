@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from supervisor.db import Database
-from supervisor.models import DaemonRecord, Group, SubbandFile, Transition
+from supervisor.models import ACTIVE_SQL, DaemonRecord, Group, SubbandFile, Transition
 from supervisor.states import State
 
 
@@ -103,9 +103,6 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
         }
 
 
-RUNNABLE = (State.PENDING.value, State.RETRY_WAIT.value, State.RUNNING.value)
-
-
 def queue_snapshot(db: Database) -> dict[str, Any]:
     """What the metrics say about the queue, from the database (on its clock): groups per
     state, age of the oldest runnable group, completions in the last hour, age of the
@@ -118,7 +115,7 @@ def queue_snapshot(db: Database) -> dict[str, Any]:
     with db.read() as s:
         now = database_now(s)
         counts = dict(s.execute(select(Group.state, func.count()).group_by(Group.state)).all())
-        oldest = s.scalar(select(func.min(Group.first_seen_at)).where(Group.state.in_(RUNNABLE)))
+        oldest = s.scalar(select(func.min(Group.first_seen_at)).where(text(ACTIVE_SQL)))
         completed = s.scalar(
             select(func.count())
             .select_from(Group)
@@ -130,7 +127,11 @@ def queue_snapshot(db: Database) -> dict[str, Any]:
         expired = s.scalar(
             select(func.count())
             .select_from(Group)
-            .where(Group.state == State.RUNNING.value, Group.lease_expires_at < now)
+            .where(
+                text(ACTIVE_SQL),  # the partial index (models.Group): live rows only
+                Group.state == State.RUNNING.value,
+                Group.lease_expires_at < now,
+            )
         )
     return {
         "states": {state.value: int(counts.get(state.value, 0)) for state in State},

@@ -17,7 +17,7 @@ from supervisor import calibration
 from supervisor.config import Config
 from supervisor.daemon import Daemon
 from supervisor.db import Database
-from supervisor.models import Group, StageAttempt
+from supervisor.models import Group, StageAttempt, Transition
 from supervisor.resources import Probe, Reading
 from supervisor.states import Actor, State, transition
 from tests.conftest import add_pending_group, fake_pipeline_config
@@ -185,7 +185,17 @@ def test_a_calibrators_solve_does_not_hold_up_a_target_with_valid_tables(
             cal_group: State.COMPLETED,
             target: State.COMPLETED,
         }
-    assert solve_start < rows[(target, "calibrate")][0]
+    # The calibrator's calibrate was claimed first (its attempt row may still start a few
+    # ms after the target's: the two attempt threads race to their first transaction).
+    with sqlite_db.transaction() as s:
+        claimed = {
+            t.group_id: t.at
+            for t in s.scalars(
+                select(Transition).where(Transition.message == "claimed calibrate attempt 1")
+            )
+        }
+    assert claimed[cal_group] < claimed[target]
+    assert solve_start < rows[(target, "register")][1]
 
 
 def test_enospc_while_publishing_is_retried_and_nothing_half_written_is_registered(

@@ -85,17 +85,25 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
     ws = tmp_path_factory.mktemp("e2e")
     cwd_before = set(os.listdir("."))
     tmpfs = Path("/dev/shm") if Path("/dev/shm").is_dir() else ws
-    # Production-like: conversion staged in tmpfs when preflight finds room for it.
-    cfg = load_config(
-        workspace=ws,
-        environ={"CONTIMG_PATHS__TMPFS_STAGING": str(tmpfs / f"contimg-e2e-{os.getpid()}")},
-    )
     faults = tuple(Fault("flagged", FLAGGED, sb) for sb in range(16)) + (Fault("drop", MISSING, 7),)
     truths = simulate(
         ws / "incoming",
         SimulationSpec(
             n_groups=5, calibrator="3C48", calibrator_group=CAL, seed=2026, faults=faults
         ),
+    )
+    # Production-like: conversion staged in tmpfs when preflight finds room for it; the
+    # calibrator's model holds the field from the simulator's survey catalogue (3 % flux
+    # and 1" position errors, as a real survey's). The simulator puts each group's field
+    # sources within 0.25 deg of its own centre only (another group's sources, ~1 deg
+    # away, are not in its sky), so the model is kept to the beam's core here.
+    cfg = load_config(
+        workspace=ws,
+        environ={
+            "CONTIMG_PATHS__TMPFS_STAGING": str(tmpfs / f"contimg-e2e-{os.getpid()}"),
+            "CONTIMG_CALIBRATION__SKY_CATALOGUE": "incoming/truth/sky_catalogue.csv",
+            "CONTIMG_CALIBRATION__SKY_MODEL_MIN_BEAM_GAIN": "0.9",
+        },
     )
     db = Database(cfg.database_url)
     migrate.upgrade(db)
@@ -171,6 +179,24 @@ def test_calibrator_flux_and_image_noise(night: Night) -> None:
     assert image["imager"] == ("wsclean" if shutil.which("wsclean") else "tclean")
     assert 3.5 <= image["field_deg"] < 3.6
     assert image["smearing_loss_at_edge"] <= image["smearing_loss_limit"] or image["chan_avg"] == 1
+
+
+def test_field_sources_of_the_calibrator_group_keep_most_of_their_flux(night: Night) -> None:
+    """With the field in the calibration model the gains absorb less of the calibrator
+    field's other sources: measured 0.67-0.85 of their flux on this 8-antenna array (with
+    the calibrator alone and tclean: 0.35-0.60). Not yet the 5 % of a target field (see
+    README, Known limits)."""
+    calib = night.metrics(CAL, "calibrate")
+    assert calib["model_sources"] == 4 and calib["sky_model"].endswith("sky_catalogue.csv")
+    fits = night.artifact(CAL, "image_fits")
+    sources = [
+        s
+        for s in measure_sources(fits, night.truth_dir / f"{night.ids[CAL]}.json")
+        if s["name"] != "3C48"
+    ]
+    assert len(sources) == 3
+    ratios = [src["ratio"] for src in sources]
+    assert min(ratios) > 0.6 and sum(ratios) / 3 > 0.7 and max(ratios) < 1.1, sources
 
 
 def test_target_is_calibrated_from_the_calibrators_tables(night: Night) -> None:

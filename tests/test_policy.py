@@ -204,8 +204,9 @@ def test_decisions() -> None:
     assert _decide(Category.RETRYABLE, attempt=2, tier=last).failure.code == "x_budget_exhausted"
     assert _decide(Category.RECOVERABLE).action == Action.NEXT_TIER
     assert _decide(Category.RECOVERABLE, tier=last).action == Action.WAIT_CALIBRATION
-    # A stage whose chain ends in quarantine (image: one tier).
-    exhausted = _decide(Category.RECOVERABLE, stage="image")
+    # A stage whose chain ends in quarantine (image: WSClean, then the tclean tier).
+    assert _decide(Category.RECOVERABLE, stage="image").action == Action.NEXT_TIER
+    exhausted = _decide(Category.RECOVERABLE, stage="image", tier=1)
     assert (exhausted.action, exhausted.failure.code) == (Action.QUARANTINE, "fallbacks_exhausted")
     assert _decide(Category.VALIDATION).action == Action.QUARANTINE
     assert _decide(Category.FATAL).action == Action.FAIL
