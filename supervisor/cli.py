@@ -41,12 +41,11 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _database(cfg: Config, *, require_current: bool = True):  # noqa: ANN202
-    from supervisor import migrate
-    from supervisor.db import Database
+    from supervisor.db import SCHEMA_REVISION, Database
 
     db = Database(cfg.database_url, busy_timeout_ms=cfg.database.busy_timeout_ms)
     if require_current:
-        current, head = migrate.current_revision(db), migrate.head_revision()
+        current, head = db.schema_revision(), SCHEMA_REVISION
         if current != head:
             raise UsageError(
                 f"database {cfg.database_url} is at schema revision {current or 'none'}, "

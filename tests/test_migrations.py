@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from supervisor import migrate
 from supervisor.config import Config
-from supervisor.db import Database
+from supervisor.db import SCHEMA_REVISION, Database
 
 TABLES = {
     "groups",
@@ -32,6 +32,8 @@ def test_upgrade_check_downgrade_roundtrip(db_url: str) -> None:
     try:
         migrate.upgrade(db)
         assert migrate.current_revision(db) == migrate.head_revision()
+        # What the daemon checks at start-up without importing Alembic:
+        assert db.schema_revision() == SCHEMA_REVISION == migrate.head_revision()
         assert set(inspect(db.engine).get_table_names()) == TABLES
         migrate.check(db)  # `alembic check`: models and migrations agree
         migrate.downgrade(db, "base")
