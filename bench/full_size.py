@@ -161,15 +161,17 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--antennas", type=int, default=96)
     parser.add_argument("--channels", type=int, default=48)
-    parser.add_argument("--small-groups", type=int, default=4, help="groups at 32 x 16")
+    parser.add_argument("--small-groups", type=int, default=4, help="groups at 32 x 16; 0: none")
     parser.add_argument("--max-parallel", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the workspaces")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(dir=args.workdir, prefix="contimg-bench-")
     work = Path(tmp)
-    small = run_backlog(work, args.small_groups, 32, 16, args.max_parallel)
-    print(f"32 x 16: {json.dumps(small)}", flush=True)
+    small = None
+    if args.small_groups > 0:
+        small = run_backlog(work, args.small_groups, 32, 16, args.max_parallel)
+        print(f"32 x 16: {json.dumps(small)}", flush=True)
     full = run_backlog(work, args.groups, args.antennas, args.channels, args.max_parallel)
     print(f"{args.antennas} x {args.channels}: {json.dumps(full)}", flush=True)
     if not args.keep:
@@ -183,7 +185,7 @@ def main() -> None:
         "stage_peak_rss_mb": {s: v["peak_rss_mb"] for s, v in full["stages"].items()},
         "image_field_deg": full["images"][0]["field_deg"] if full["images"] else None,
         "imager": full["images"][0]["imager"] if full["images"] else None,
-        "seconds_per_group_32x16": small["seconds_per_group"],
+        "seconds_per_group_32x16": small["seconds_per_group"] if small else None,
         "groups_full": full["groups"],
         "states_full": full["states"],
         "size": f"{args.antennas}x{args.channels}x16x24",
