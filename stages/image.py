@@ -21,7 +21,7 @@ from stages.common import C_M_S, committed_ms, inspect_ms, sigma_theory_jy
 from stages.imaging_geometry import FieldGeometry, plan_field
 from stages.protocol import StageFailure, run
 from stages.tclean_imager import run_tclean
-from stages.wsclean_imager import ImagerRun, find_wsclean, run_wsclean
+from stages.wsclean_imager import CleanSettings, ImagerRun, find_wsclean, run_wsclean
 
 PB_FWHM_FACTOR = 1.03
 SIDEREAL_DEG_PER_S = 360.98564736629 / 86400.0
@@ -60,6 +60,13 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
     is_calibrator_field = bool(request.get("calibrator_source"))
     t = time.monotonic()
     vis, data_column, average_s = _average_channels(ms, scratch, geometry, params)
+    default_niter = 20000 if imager == "wsclean" else 3000  # a cap: the threshold stops CLEAN
+    clean = CleanSettings(
+        data_column=data_column,
+        threshold_jy=nsigma * sigma,
+        niter=int(params.get("niter", default_niter)),
+        robust=robust,
+    )
     if imager == "wsclean":
         assert wsclean is not None
         result = run_wsclean(
@@ -67,10 +74,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
             vis,
             scratch / "wsclean",
             geometry,
-            data_column=data_column,
-            threshold_jy=nsigma * sigma,
-            niter=int(params.get("niter", 20000)),
-            robust=robust,
+            clean,
             spectral_terms=2 if is_calibrator_field else 1,
             threads=threads,
             memory_gb=float(params.get("memory_gb", 0.0)),
@@ -86,10 +90,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
             vis,
             scratch / "tclean",
             geometry,
-            data_column=data_column,
-            threshold_jy=nsigma * sigma,
-            niter=int(params.get("niter", 3000)),
-            robust=robust,
+            clean,
             deconvolver=deconvolver,
             cyclefactor=cyclefactor,
         )

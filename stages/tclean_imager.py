@@ -11,18 +11,15 @@ import numpy as np
 
 from stages.imaging_geometry import FieldGeometry
 from stages.protocol import StageFailure
-from stages.wsclean_imager import ImagerRun
+from stages.wsclean_imager import CleanSettings, ImagerRun
 
 
 def run_tclean(
     ms: Path,
     workdir: Path,
     geometry: FieldGeometry,
+    clean: CleanSettings,
     *,
-    data_column: str,
-    threshold_jy: float,
-    niter: int,
-    robust: float,
     deconvolver: str,
     cyclefactor: float,
 ) -> ImagerRun:
@@ -42,17 +39,17 @@ def run_tclean(
     ct.tclean(
         vis=str(ms),
         imagename=str(base),
-        datacolumn="corrected" if data_column == "CORRECTED_DATA" else "data",
+        datacolumn="corrected" if clean.data_column == "CORRECTED_DATA" else "data",
         imsize=geometry.imsize,
         cell=f"{geometry.cell_arcsec}arcsec",
         specmode="mfs",
         deconvolver=deconvolver,
         nterms=nterms,
         weighting="briggs",
-        robust=robust,
-        niter=niter,
+        robust=clean.robust,
+        niter=clean.niter,
         cyclefactor=cyclefactor,
-        threshold=f"{threshold_jy * 1e3:.4f}mJy",
+        threshold=f"{clean.threshold_jy * 1e3:.4f}mJy",
         gridder="standard",
         stokes="I",
         pbcor=False,

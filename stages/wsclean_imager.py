@@ -36,6 +36,17 @@ class ImagerRun:
     version: str
 
 
+@dataclass(frozen=True)
+class CleanSettings:
+    """What both imagers are asked: the column to image, the CLEAN stopping threshold (Jy;
+    nsigma x the radiometer noise), the iteration cap and the Briggs robustness."""
+
+    data_column: str
+    threshold_jy: float
+    niter: int
+    robust: float
+
+
 def find_wsclean(configured: str | None = None) -> str | None:
     """The wsclean executable: ``configured`` (a path or a name) or ``wsclean`` on PATH."""
     return shutil.which(configured or WSCLEAN)
@@ -52,11 +63,8 @@ def wsclean_command(
     ms: Path,
     name: Path,
     geometry: FieldGeometry,
+    clean: CleanSettings,
     *,
-    data_column: str,
-    threshold_jy: float,
-    niter: int,
-    robust: float,
     spectral_terms: int,
     threads: int,
     memory_gb: float,
@@ -73,11 +81,11 @@ def wsclean_command(
         "-name", str(name),
         "-size", str(geometry.imsize), str(geometry.imsize),
         "-scale", f"{geometry.cell_arcsec}asec",
-        "-weight", "briggs", str(robust),
-        "-niter", str(niter),
+        "-weight", "briggs", str(clean.robust),
+        "-niter", str(clean.niter),
         "-mgain", "0.8",
-        "-threshold", f"{threshold_jy:.6g}",
-        "-data-column", data_column,
+        "-threshold", f"{clean.threshold_jy:.6g}",
+        "-data-column", clean.data_column,
         "-pol", "I",
         "-j", str(max(1, threads)),
         "-no-update-model-required",
@@ -99,11 +107,8 @@ def run_wsclean(
     ms: Path,
     workdir: Path,
     geometry: FieldGeometry,
+    clean: CleanSettings,
     *,
-    data_column: str,
-    threshold_jy: float,
-    niter: int,
-    robust: float,
     spectral_terms: int,
     threads: int,
     memory_gb: float,
@@ -117,10 +122,7 @@ def run_wsclean(
         ms,
         name,
         geometry,
-        data_column=data_column,
-        threshold_jy=threshold_jy,
-        niter=niter,
-        robust=robust,
+        clean,
         spectral_terms=spectral_terms,
         threads=threads,
         memory_gb=memory_gb,

@@ -335,7 +335,7 @@ def kill_leftover(pid: int, create_time: float, grace_s: float, mark: str) -> bo
         members = [ident] + [ProcessIdentity(c.pid, c.create_time()) for c in _safe_children(proc)]
     elif pid <= 0 or psutil.pid_exists(pid):
         session = -1  # never started, or the pid was reused: that session is not ours
-    found = bool(members) or bool(_marked(mark)) or bool(_session_members(session))
+    found = bool(members) or bool(_session_or_marked(session, mark))
     if found:
         terminate(members, session, grace_s, mark)
     return found
@@ -417,39 +417,6 @@ def _session_or_marked(session_id: int, mark: str | None) -> list[psutil.Process
             if proc.status() != psutil.STATUS_ZOMBIE:
                 out.append(proc)
         except (ProcessLookupError, PermissionError, psutil.Error, OSError):
-            continue
-    return out
-
-
-def _session_members(session_id: int) -> list[psutil.Process]:
-    """Live processes whose session or process group is ``session_id``."""
-    out: list[psutil.Process] = []
-    if session_id <= 0:
-        return out
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.pid == os.getpid():
-                continue
-            in_session = session_id in (os.getsid(proc.pid), os.getpgid(proc.pid))
-            if in_session and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            continue
-    return out
-
-
-def _marked(mark: str) -> list[psutil.Process]:
-    """Live processes whose environment carries this attempt's mark."""
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if (
-                proc.pid != os.getpid()
-                and proc.environ().get(ATTEMPT_MARK_ENV) == mark
-                and (proc.status() != psutil.STATUS_ZOMBIE)
-            ):
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return out
 
