@@ -246,10 +246,17 @@ def recheck_waiting(s: Session, cfg: Config, now: datetime, actor: Actor) -> lis
     tiers = cfg.stages["calibrate"].tiers
     released = []
     for group in s.scalars(select(Group).where(Group.state == State.WAITING_CALIBRATION.value)):
-        index, plan = first_applicable(
-            s, group, cfg, tiers, min(group.fallback_tier, len(tiers) - 1)
+        spent = failed_tiers(s, group.group_id)
+        start = min(group.fallback_tier, len(tiers) - 1)
+        index = next(
+            (
+                i
+                for i, found in _walk(s, group, cfg, tiers, start)
+                if isinstance(found, CalibrationPlan) and i not in spent
+            ),
+            None,
         )
-        if plan is None:
+        if index is None:
             continue
         transition(
             s,
@@ -261,6 +268,22 @@ def recheck_waiting(s: Session, cfg: Config, now: datetime, actor: Actor) -> lis
         )
         released.append(group.group_id)
     return released
+
+
+def failed_tiers(s: Session, group_id: str) -> set[int]:
+    """Calibration tiers that already failed for this group and would fail the same way
+    again: re-offering them on every recheck would run the same failing solve every few
+    seconds all night. A tier that failed on a damaged set is not spent (that set is
+    invalidated; the tier offers another). A new registered set releases the group anyway
+    (:func:`release_waiting`), and an operator's ``retry`` starts the chain afresh."""
+    rows = s.execute(
+        select(StageAttempt.fallback_tier, StageAttempt.error_code).where(
+            StageAttempt.group_id == group_id,
+            StageAttempt.stage == "calibrate",
+            StageAttempt.outcome == "failed",
+        )
+    )
+    return {tier for tier, code in rows if code not in DAMAGED_SET_CODES}
 
 
 def resume_tier(tiers: Sequence[StageTier]) -> int:

@@ -36,6 +36,12 @@ def chain(*, solve_gate: str) -> dict:
     }
 
 
+def load_catalogue_dec(name: str) -> float:
+    from supervisor.calibrators import load_catalogue
+
+    return next(c.dec_deg for c in load_catalogue() if c.name == name)
+
+
 def run_until_idle(cfg: Config, db: Database) -> None:
     Daemon(cfg, db, rng=random.Random(0), ingest=False).run(until_idle=True)
 
@@ -52,12 +58,12 @@ def calibrate_attempts(db: Database, gid: str) -> list[tuple[int, str, str | Non
         ]
 
 
-def register_earlier_set(db: Database, cfg: Config) -> int:
+def register_earlier_set(db: Database, cfg: Config, group_id: str = EARLIER_CAL) -> int:
     """Tables solved on an earlier calibrator group (that group then leaves the queue)."""
-    add_pending_group(db, EARLIER_CAL)
+    add_pending_group(db, group_id)
     now = datetime.now(UTC)
     with db.transaction() as s:
-        earlier = s.get(Group, EARLIER_CAL)
+        earlier = s.get(Group, group_id)
         cal_set = calibration.register_solution(
             s, earlier, {"caltable_B": Path("/p/B"), "caltable_G": Path("/p/G")}, {}, cfg, now
         )
@@ -235,3 +241,32 @@ def test_a_set_whose_tables_cannot_be_read_is_invalidated_and_the_next_set_serve
     assert {(p.calibration_tier, p.calibration_set_id) for p in products} == {
         ("last_known_good", older_id)
     }
+
+
+def test_a_waiting_group_is_not_offered_the_tier_that_just_failed_again(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    """A target with a calibrator in its beam solves on it (field_calibrator) and fails;
+    the recheck of waiting groups must not hand it the same failing solve again (it did,
+    every ~3 s: 358 identical attempts in 15 minutes of a simulated night)."""
+    failing = chain(solve_gate="fail")
+    failing["tiers"][4]["params"]["solve_gate"] = "fail"
+    cfg = fake_pipeline_config(workspace, calibrate=failing)
+    NEXT_TO_TRANSIT = "2025-10-06T08:31:51"  # the group after 3C48's transit at 08:29
+    add_pending_group(sqlite_db, NEXT_TO_TRANSIT, calibrator=None)
+    with sqlite_db.transaction() as s:
+        s.get(Group, NEXT_TO_TRANSIT).pointing_dec_deg = load_catalogue_dec("3C48")
+    run_until_idle(cfg, sqlite_db)
+    tried = calibrate_attempts(sqlite_db, NEXT_TO_TRANSIT)
+    assert tried == [(4, "failed", "calibrate_gate_failed")]
+    with sqlite_db.transaction() as s:
+        assert s.get(Group, NEXT_TO_TRANSIT).state == State.WAITING_CALIBRATION
+        assert calibration.failed_tiers(s, NEXT_TO_TRANSIT) == {4}
+        assert calibration.recheck_waiting(s, cfg, datetime.now(UTC), Actor("t")) == []
+    # A new set still releases it, to the registry tiers.
+    set_id = register_earlier_set(sqlite_db, cfg, "2025-10-06T08:26:46")
+    with sqlite_db.transaction() as s:
+        cal_set = s.get(CalibrationSet, set_id)
+        assert calibration.release_waiting(s, cal_set, datetime.now(UTC), Actor("t")) == [
+            NEXT_TO_TRANSIT
+        ]
