@@ -67,7 +67,12 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
     t = time.monotonic()
     stats = _solve_tables(ms, tables, refant, g0_spw, minsnr, params)
     timings["solve_s"] = time.monotonic() - t
-    quality = {kind: _table_quality(path) for kind, path in tables.items()}
+    # Antennas convert flagged as dead or noisy have flagged solutions by design: judge the
+    # solutions of the antennas that had data.
+    upstream = (request.get("upstream_metrics") or {}).get("convert") or {}
+    broken_names = set(upstream.get("antennas_flagged") or {})
+    broken = {i for i, name in enumerate(facts["antennas"]) if name in broken_names}
+    quality = {kind: _table_quality(path, broken) for kind, path in tables.items()}
     _fail_if_casa_skipped_spws(
         request,
         "unsolved_spw",
@@ -86,6 +91,7 @@ def _solve(request: dict[str, Any], ms: Path, plan: dict[str, Any]) -> dict[str,
         "calibrator_offset_deg": plan["model"][0].get("offset_deg"),
         "calibrator_pb_gain_1p4ghz": plan["model"][0].get("pb_gain_1p4ghz"),
         "refant": refant,
+        "antennas_flagged_upstream": sorted(broken_names),
         "model_sources": len(plan["model"]),
         "model_field_flux_jy_1p4ghz": sum(
             float(m.get("apparent_flux_jy_1p4ghz", 0.0)) for m in plan["model"][1:]
@@ -402,7 +408,9 @@ def _central_antenna(facts: dict[str, Any]) -> str:
     return facts["antennas"][int(np.argmin(np.linalg.norm(pos - centre, axis=1)))]
 
 
-def _table_quality(path: Path) -> dict[str, float]:
+def _table_quality(path: Path, exclude: set[int] = frozenset()) -> dict[str, float]:
+    """Flag fraction, SNR, amplitude range and phase scatter of a solution table, over the
+    antennas not in ``exclude`` (those flagged before the solve)."""
     from casacore.tables import table
 
     with table(str(path), readonly=True, ack=False) as t:
@@ -410,6 +418,8 @@ def _table_quality(path: Path) -> dict[str, float]:
         gains = t.getcol("CPARAM")
         snr = t.getcol("SNR")
         ants = t.getcol("ANTENNA1")
+    keep = ~np.isin(ants, list(exclude))
+    flags, gains, snr, ants = flags[keep], gains[keep], snr[keep], ants[keep]
     good = ~flags
     amps = np.abs(gains[good]) if good.any() else np.array([math.nan])
     per_ant_ok = [good[ants == a].mean() > 0.7 for a in np.unique(ants)]

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stages import flagging
 from stages.common import (
     dir_bytes,
     inspect_ms,
@@ -47,6 +49,10 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
             "channels are not strictly ascending after reordering (overlap?)",
             "two subbands cover the same frequencies",
         )
+    params = request["tier"].get("params") or {}
+    t_flag = time.monotonic()
+    flag_state = _flag_in_memory(uvd, params, freqs)
+    timings["flag_s"] = time.monotonic() - t_flag
 
     out = Path(request["output_dir"])
     name = ms_name(request["group_id"])
@@ -58,6 +64,11 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
     timings["write_ms_s"] = time.monotonic() - t1
     del uvd
     set_telescope_name(ms_tmp, request["telescope"]["casa_name"], request["telescope"]["name"])
+    stats = flag_state.done
+    if stats is None:
+        t_flag = time.monotonic()
+        stats = _flag_ms_with_flagdata(ms_tmp, flag_state, freqs)
+        timings["flag_s"] += time.monotonic() - t_flag
     if staging != out:
         move_tree(ms_tmp, out / name)
         shutil.rmtree(staging, ignore_errors=True)
@@ -80,9 +91,93 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         "subbands_used": len(files),
         "dropped_subbands": {sb: d.get("reason") for sb, d in dropped.items()},
         "nonfinite_flagged": nonfinite_flagged,
+        **stats.metrics(),
         **{k: round(v, 3) for k, v in timings.items()},
     }
     return {"artifacts": [{"path": name, "kind": "ms"}], "metrics": metrics}
+
+
+@dataclass
+class _Flagging:
+    """What in-memory flagging did: the final statistics, or what flagdata (on the MS, once
+    written) needs to complete them."""
+
+    flagger: str
+    verdicts: list[flagging.AntennaVerdict]
+    names: dict[int, str]
+    fractions: tuple[float, float]  # input, antenna (of cross samples)
+    done: flagging.FlagStatistics | None  # None: flagdata still to run
+
+
+def _flag_in_memory(uvd: Any, params: dict[str, Any], freqs: np.ndarray) -> _Flagging:
+    """Dead and noisy antennas, then (with AOFlagger) interference, on the arrays about to
+    be written: no second pass over a multi-GB MS."""
+    flagger = flagging.choose_flagger(str(params.get("flagger", "auto")))
+    tel = uvd.telescope
+    names = {
+        int(n): str(name) for n, name in zip(tel.antenna_numbers, tel.antenna_names, strict=True)
+    }
+    hands = flagging.parallel_hands(uvd.polarization_array)
+    ant1, ant2 = uvd.ant_1_array, uvd.ant_2_array
+    before = flagging.collapse(uvd.flag_array, hands)
+    verdicts: list[flagging.AntennaVerdict] = []
+    if flagger != "none":
+        verdicts = flagging.broken_antennas(
+            uvd.data_array,
+            uvd.flag_array,
+            ant1,
+            ant2,
+            uvd.polarization_array,
+            names,
+            float(params.get("dead_power_ratio", 0.1)),
+            float(params.get("noisy_power_ratio", 4.0)),
+        )
+        broken = [v.antenna for v in verdicts]
+        if broken:
+            uvd.flag_array[np.isin(ant1, broken) | np.isin(ant2, broken)] = True
+    given = flagging.collapse(uvd.flag_array, hands)
+    fractions = flagging.input_and_antenna_fractions(before, given, ant1 != ant2)
+    del before
+    if flagger == "flagdata":
+        return _Flagging(flagger, verdicts, names, fractions, None)
+    if flagger == "aoflagger":
+        flagging.flag_rfi_aoflagger(
+            uvd.data_array,
+            uvd.flag_array,
+            ant1,
+            ant2,
+            uvd.time_array,
+            uvd.polarization_array,
+            {v.antenna for v in verdicts},
+        )
+    after = flagging.collapse(uvd.flag_array, hands) if flagger == "aoflagger" else given
+    stats = flagging.rfi_statistics(
+        flagger, given, after, ant1, ant2, freqs, names, verdicts, fractions
+    )
+    return _Flagging(flagger, verdicts, names, fractions, stats)
+
+
+def _flag_ms_with_flagdata(ms: Path, done: _Flagging, freqs: np.ndarray) -> flagging.FlagStatistics:
+    """The fallback flagger on the written MS (CASA needs the MS), and the statistics."""
+    from casacore.tables import table
+
+    with table(str(ms), readonly=True, ack=False) as t:
+        ant1, ant2 = t.getcol("ANTENNA1"), t.getcol("ANTENNA2")
+        given = t.getcol("FLAG").any(axis=2)
+    try:
+        flagging.flag_rfi_flagdata(ms)
+    except Exception as exc:  # noqa: BLE001 - CASA raises RuntimeError for anything
+        raise StageFailure(
+            "recoverable",
+            "flagger_failed",
+            f"flagdata on {ms}: {str(exc)[:300]}",
+            "the next convert tier is tried",
+        ) from exc
+    with table(str(ms), readonly=True, ack=False) as t:
+        after = t.getcol("FLAG").any(axis=2)
+    return flagging.rfi_statistics(
+        "flagdata", given, after, ant1, ant2, freqs, done.names, done.verdicts, done.fractions
+    )
 
 
 def _flag_nonfinite(uvd: Any) -> int:

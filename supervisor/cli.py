@@ -113,6 +113,13 @@ def cmd_db_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _index_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"simulate: {text!r} is not a comma-separated list of indices") from None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from supervisor.simulate import SimulationSpec, simulate
 
@@ -144,6 +151,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             autos=not args.no_autos,
             seed=args.seed,
             faults=tuple(faults),
+            rfi=args.rfi,
+            dead_antennas=_index_list(args.dead_antennas),
+            noisy_antennas=_index_list(args.noisy_antennas),
             latitude_deg=cfg.telescope.latitude_deg,
             longitude_deg=cfg.telescope.longitude_deg,
             altitude_m=cfg.telescope.altitude_m,
@@ -585,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter", type=int, default=30, help="max |name timestamp jitter| (s)")
     p.add_argument("--phase", choices=("meridian", "drift"), default="meridian")
     p.add_argument("--no-autos", action="store_true", help="omit autocorrelations")
+    p.add_argument(
+        "--rfi",
+        action="store_true",
+        help="inject interference: narrow-band channels, broadband bursts, a few baselines",
+    )
+    p.add_argument("--dead-antennas", default="", metavar="I,J", help="antenna indices (0-based)")
+    p.add_argument("--noisy-antennas", default="", metavar="I,J", help="antenna indices (0-based)")
     p.add_argument("--seed", type=int, default=1)
     for kind, what in (
         ("drop", "do not write"),

@@ -128,6 +128,14 @@ class GatesConfig:
 
     flagged_fraction_warn: float = _field(0.05, min=0, max=1)
     flagged_fraction_fail: float = _field(0.75, min=0, max=1)
+    rfi_flagged_fraction_warn: float = _field(
+        0.15, min=0, max=1, help="convert: interference flagged, of the working antennas' data"
+    )
+    rfi_flagged_fraction_fail: float = _field(0.5, min=0, max=1)
+    broken_antenna_fraction_warn: float = _field(
+        0.05, min=0, max=1, help="convert: antennas flagged dead or noisy, of the array"
+    )
+    broken_antenna_fraction_fail: float = _field(0.5, min=0, max=1)
     solution_flag_fraction_warn: float = _field(0.10, min=0, max=1)
     solution_flag_fraction_fail: float = _field(0.25, min=0, max=1)
     bandpass_snr_target: float = _field(20.0, min=0)

@@ -95,19 +95,41 @@ def evaluate(stage: str, metrics: dict[str, Any], g: GatesConfig) -> GateResult 
     """The gate of ``stage`` over its result metrics, or None for ungated stages."""
     if stage == "convert":
         f = metrics.get("flagged_fraction")
-        return _combine(
-            stage,
-            [
+        scores = [
+            _score(
+                "flagged_fraction",
+                f,
+                score_lower_is_better(_num(f), g.flagged_fraction_warn, g.flagged_fraction_fail),
+                f"<= {g.flagged_fraction_warn} ideal, > {g.flagged_fraction_fail} fails",
+            )
+        ]
+        rfi = metrics.get("rfi_flagged_fraction")
+        if rfi is not None:  # an MS converted before flagging existed has none
+            scores.append(
                 _score(
-                    "flagged_fraction",
-                    f,
+                    "rfi_flagged_fraction",
+                    rfi,
                     score_lower_is_better(
-                        _num(f), g.flagged_fraction_warn, g.flagged_fraction_fail
+                        _num(rfi), g.rfi_flagged_fraction_warn, g.rfi_flagged_fraction_fail
                     ),
-                    f"<= {g.flagged_fraction_warn} ideal, > {g.flagged_fraction_fail} fails",
+                    f"<= {g.rfi_flagged_fraction_warn} pass, > {g.rfi_flagged_fraction_fail} fails",
                 )
-            ],
-        )
+            )
+        n_ant = metrics.get("n_antennas")
+        if metrics.get("antennas_flagged") is not None and n_ant:
+            broken = len(metrics["antennas_flagged"]) / float(n_ant)
+            scores.append(
+                _score(
+                    "broken_antenna_fraction",
+                    broken,
+                    score_lower_is_better(
+                        broken, g.broken_antenna_fraction_warn, g.broken_antenna_fraction_fail
+                    ),
+                    f"dead or noisy antennas <= {g.broken_antenna_fraction_warn} pass, > "
+                    f"{g.broken_antenna_fraction_fail} fails",
+                )
+            )
+        return _combine(stage, scores)
     if stage == "calibrate":
         scores = []
         after = metrics.get("flagged_fraction_after_apply")

@@ -27,6 +27,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,8 @@ BAND_LOW_HZ = 1311.25e6
 BAND_HIGH_HZ = 1498.75e6
 N_SUBBANDS = 16
 PB_FWHM_FACTOR = 1.03  # primary beam FWHM = 1.03 lambda / D (Airy main lobe)
+DEAD_POWER = 0.01  # a dead antenna's system power relative to a working one (LNA off)
+NOISY_POWER = 9.0  # a noisy antenna's (3 x the noise on its baselines)
 
 
 FAULT_KINDS = (
@@ -101,6 +104,13 @@ class SimulationSpec:
     catalogue_flux_error: float = 0.03  # the sky catalogue's fractional flux error (rms)
     catalogue_position_error_arcsec: float = 1.0  # ... and position error per coordinate
     catalogue_limit_mjy: float = 2.5  # ... and its completeness limit (NVSS: ~2.5 mJy)
+    # Interference and broken antennas (see RfiSpec); off by default: nothing else changes.
+    rfi: bool = False
+    rfi_channel_fraction: float = 0.02  # persistent narrow-band channels, all baselines
+    rfi_bursts: int = 2  # broadband bursts per group: one integration, every channel
+    rfi_baselines: int = 3  # baselines with a strong band-limited interferer, all times
+    dead_antennas: tuple[int, ...] = ()  # no signal; system power x DEAD_POWER
+    noisy_antennas: tuple[int, ...] = ()  # system power x NOISY_POWER
 
     def __post_init__(self) -> None:
         problems = []
@@ -128,6 +138,11 @@ class SimulationSpec:
             problems.append(f"dec={self.dec_deg}: must be within -30..90 deg (visible from OVRO)")
         if not 0 <= self.calibrator_group < self.n_groups:
             problems.append(f"calibrator_group={self.calibrator_group}: outside 0..groups-1")
+        broken = (*self.dead_antennas, *self.noisy_antennas)
+        if any(not 0 <= a < self.n_antennas for a in broken) or len(set(broken)) < len(broken):
+            problems.append(f"dead/noisy antennas {broken}: must be distinct, in 0..nants-1")
+        if not 0 <= self.rfi_channel_fraction <= 0.5:
+            problems.append(f"rfi_channel_fraction={self.rfi_channel_fraction}: within 0..0.5")
         for f in self.faults:
             if f.kind not in FAULT_KINDS:
                 problems.append(f"fault {f.kind!r}: must be one of {', '.join(FAULT_KINDS)}")
@@ -166,6 +181,9 @@ class GroupTruth:
     sigma_image_jy: float  # Stokes I, natural weighting, all cross-correlations
     sources: list[dict[str, float | str]]
     faults: list[dict[str, object]] = field(default_factory=list)
+    # Injected interference and broken antennas: see rfi_truth_mask. Channel indices count
+    # the whole band in ascending frequency (the MS's order).
+    rfi: dict[str, Any] = field(default_factory=dict)
     gain_convention: str = (
         "pyuvdata: V_ij = g_i conj(g_j) V_sky; CASA (after write_ms) solves conj(g). "
         "npz: gains_pyuvdata (Ntimes, Nants, Npol=2 [XX,YY]) and bandpass_pyuvdata "
@@ -373,6 +391,14 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
     baselines = enu[ap[:, 1]] - enu[ap[:, 0]]  # pyuvdata: x_j - x_i, (Nbl, 3) metres
     cross_width = (BAND_HIGH_HZ - BAND_LOW_HZ) / N_SUBBANDS / nch
     faults = {(f.group_index, f.subband): f for f in spec.faults}
+    power = np.ones(spec.n_antennas)  # system power relative to a working antenna
+    power[list(spec.dead_antennas)] = DEAD_POWER
+    power[list(spec.noisy_antennas)] = NOISY_POWER
+    alive = np.ones(spec.n_antennas)
+    alive[list(spec.dead_antennas)] = 0.0  # a dead antenna sees no sky
+    noise_scale = np.sqrt(power[ap[:, 0]] * power[ap[:, 1]])  # (Nbl,)
+    # Interference has its own random stream: turning it on changes nothing else drawn.
+    rng_rfi = np.random.default_rng(spec.seed + 9_000_011)
     truths: list[GroupTruth] = []
 
     for gi in range(spec.n_groups):
@@ -490,6 +516,10 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
         )
         template.blt_order = ("time", "baseline")
 
+        rfi_plan = plan_rfi(spec, ap, N_SUBBANDS * nch, rng_rfi) if spec.rfi else {}
+        rfi_plan.update(
+            dead_antennas=list(spec.dead_antennas), noisy_antennas=list(spec.noisy_antennas)
+        )
         files: list[str] = []
         applied_faults: list[dict[str, object]] = []
         sb_offsets = rng.integers(-spec.jitter_s, spec.jitter_s + 1, N_SUBBANDS)
@@ -498,14 +528,29 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
             freqs, _ = subband_frequencies(sb, nch)
             chans = np.arange(sb * nch, (sb + 1) * nch)
             data = _subband_visibilities(
-                freqs, sources, offsets, geo_m, gains, bandpass(freqs), ap, is_auto, spec
+                freqs,
+                sources,
+                offsets,
+                geo_m,
+                gains,
+                bandpass(freqs),
+                ap,
+                is_auto,
+                spec,
+                power,
+                alive,
             )
             rng_noise = rng.standard_normal((2, *data.shape))
             sigma = radiometer_sigma_vis(spec.sefd_jy, cross_width, INTEGRATION_S)
             if spec.sefd_jy > 0:
                 noise = sigma * (rng_noise[0] + 1j * rng_noise[1])
+                noise *= noise_scale[None, :, None, None]
                 noise[:, is_auto] = 0.0
                 data = data + noise
+            if spec.rfi:
+                data[:, ~is_auto] += _subband_rfi(
+                    rfi_plan, sb, nch, spec.n_times, sigma, rng_rfi, ap[~is_auto]
+                )[..., None]
             uvd = template.select(freq_chans=chans, inplace=False)
             uvd.data_array = data.reshape(spec.n_times * nbl, nch, 2).astype(np.complex64)
             fault = faults.get((gi, sb))
@@ -559,6 +604,7 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
             ),
             sources=sources,
             faults=applied_faults,
+            rfi=rfi_plan,
         )
         truths.append(truth)
         (out / "truth" / f"{group_id}.json").write_text(json.dumps(asdict(truth), indent=1))
@@ -617,6 +663,106 @@ def write_sky_catalogue(path: Path, truths: list[GroupTruth], spec: SimulationSp
     return len(rows)
 
 
+def plan_rfi(
+    spec: SimulationSpec, ap: np.ndarray, n_chan: int, rng: np.random.Generator
+) -> dict[str, Any]:
+    """Where one group's interference goes, and how strong it is (in units of the
+    per-visibility noise sigma): persistent narrow-band channels on every baseline, broadband
+    bursts of one integration on every baseline, and band-limited interferers on a few
+    short baselines (the ones nearest a local emitter). Channels count the band ascending."""
+    cross = np.flatnonzero(ap[:, 0] != ap[:, 1])
+    n_rfi_chan = (
+        max(1, round(spec.rfi_channel_fraction * n_chan)) if spec.rfi_channel_fraction else 0
+    )
+    channels = sorted(int(c) for c in rng.choice(n_chan, n_rfi_chan, replace=False))
+    bursts = sorted(
+        int(t) for t in rng.choice(spec.n_times, min(spec.rfi_bursts, spec.n_times), replace=False)
+    )
+    baselines = []
+    for k in rng.choice(cross, min(spec.rfi_baselines, len(cross)), replace=False):
+        width = max(1, int(n_chan * rng.uniform(0.03, 0.10)))
+        lo = int(rng.integers(0, n_chan - width + 1))
+        baselines.append(
+            {
+                "ant1": int(ap[k, 0]),
+                "ant2": int(ap[k, 1]),
+                "chan_lo": lo,
+                "chan_hi": lo + width - 1,
+                "sigma": float(np.exp(rng.uniform(np.log(5.0), np.log(50.0)))),
+            }
+        )
+    return {
+        "channels": channels,
+        "channel_sigma": [float(np.exp(rng.uniform(np.log(5.0), np.log(100.0)))) for _ in channels],
+        "burst_times": bursts,
+        "burst_sigma": [float(np.exp(rng.uniform(np.log(3.0), np.log(30.0)))) for _ in bursts],
+        "baselines": baselines,
+    }
+
+
+def _subband_rfi(
+    plan: dict[str, Any],
+    sb: int,
+    nch: int,
+    n_times: int,
+    sigma: float,
+    rng: np.random.Generator,
+    ap_cross: np.ndarray,
+) -> np.ndarray:
+    """The interference (Nt, Ncross, nch) added to one subband's cross-correlations (both
+    polarisations alike): random phases, amplitudes scattered 30 % about the plan's."""
+    out = np.zeros((n_times, len(ap_cross), nch), dtype=complex)
+    first = (N_SUBBANDS - 1 - sb) * nch  # ascending index of this subband's lowest channel
+
+    def file_channel(chan: int) -> int | None:  # the subband's channels descend
+        k = first + nch - 1 - chan
+        return k if 0 <= k < nch else None
+
+    def noise_like(shape: tuple[int, ...], level: float) -> np.ndarray:
+        amp = level * sigma * np.abs(1.0 + 0.3 * rng.standard_normal(shape))
+        return amp * np.exp(2j * math.pi * rng.random(shape))
+
+    for chan, level in zip(plan["channels"], plan["channel_sigma"], strict=True):
+        k = file_channel(chan)
+        if k is not None:
+            out[:, :, k] += noise_like((n_times, len(ap_cross)), level)
+    for t, level in zip(plan["burst_times"], plan["burst_sigma"], strict=True):
+        out[t] += noise_like((len(ap_cross), nch), level)
+    for bl in plan["baselines"]:
+        row = np.flatnonzero((ap_cross[:, 0] == bl["ant1"]) & (ap_cross[:, 1] == bl["ant2"]))
+        ks = [
+            k for c in range(bl["chan_lo"], bl["chan_hi"] + 1) if (k := file_channel(c)) is not None
+        ]
+        if len(row) and ks:
+            out[:, row[0], ks] += noise_like((n_times, len(ks)), bl["sigma"])
+    return out
+
+
+def rfi_truth_mask(
+    rfi: dict[str, Any],
+    ant1: np.ndarray,
+    ant2: np.ndarray,
+    time_index: np.ndarray,
+    n_chan: int,
+) -> np.ndarray:
+    """Which (row, channel) samples of a group got interference, for rows given by their
+    antennas and time index (0 = the group's first integration); channels ascending.
+    Autocorrelations never do."""
+    mask = np.zeros((len(ant1), n_chan), dtype=bool)
+    cross = ant1 != ant2
+    channels = list(rfi.get("channels", []))
+    if channels:
+        mask[np.ix_(cross, channels)] = True
+    for t in rfi.get("burst_times", []):
+        mask[cross & (time_index == t)] = True
+    for bl in rfi.get("baselines", []):
+        rows = ((ant1 == bl["ant1"]) & (ant2 == bl["ant2"])) | (
+            (ant1 == bl["ant2"]) & (ant2 == bl["ant1"])
+        )
+        mask[rows, bl["chan_lo"] : bl["chan_hi"] + 1] = True
+    return mask
+
+
 def _subband_visibilities(
     freqs: np.ndarray,
     sources: list[dict[str, float | str]],
@@ -627,8 +773,11 @@ def _subband_visibilities(
     ap: np.ndarray,
     is_auto: np.ndarray,
     spec: SimulationSpec,
+    power: np.ndarray,
+    alive: np.ndarray,
 ) -> np.ndarray:
-    """Corrupted, noiseless visibilities (Nt, Nbl, Nf, 2 pols) of one subband."""
+    """Corrupted, noiseless visibilities (Nt, Nbl, Nf, 2 pols) of one subband. ``power``:
+    each antenna's system power (1 for a working one); ``alive``: 0 where it sees no sky."""
     nt, nbl = geo_m.shape[0], geo_m.shape[1]
     sky = np.zeros((nt, nbl, len(freqs)), dtype=complex)
     beam = _gaussian_beam(offsets_deg, freqs, spec.dish_diameter_m) if sources else None
@@ -640,12 +789,14 @@ def _subband_visibilities(
         )
     total_flux = sky[:, is_auto].real.mean() if is_auto.any() else 0.0
     data = np.zeros((nt, nbl, len(freqs), 2), dtype=complex)
+    live = (alive[ap[:, 0]] * alive[ap[:, 1]])[None, :, None]
+    auto_power = (spec.sefd_jy * power[ap[:, 0]] + total_flux * alive[ap[:, 0]])[None, :, None]
     for pol in range(2):
         gi = gains[:, ap[:, 0], pol][..., None] * bp[ap[:, 0], pol][None]
         gj = gains[:, ap[:, 1], pol][..., None] * bp[ap[:, 1], pol][None]
-        d = gi * np.conj(gj) * sky
-        # Autocorrelations: |g|^2 (SEFD + sky), real.
-        d[:, is_auto] = (np.abs(gi[:, is_auto]) ** 2) * (spec.sefd_jy + total_flux)
+        d = gi * np.conj(gj) * sky * live
+        # Autocorrelations: |g|^2 (SEFD x power + sky), real.
+        d[:, is_auto] = (np.abs(gi[:, is_auto]) ** 2) * auto_power[:, is_auto]
         data[..., pol] = d
     return data
 

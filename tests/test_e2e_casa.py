@@ -36,8 +36,8 @@ from supervisor.models import (
     StageAttempt,
     utcnow,
 )
+from supervisor.science import gain_errors, measure_sources
 from supervisor.simulate import Fault, SimulationSpec, simulate
-from tests.truth_checks import gain_errors, measure_sources
 
 pytestmark = pytest.mark.casa
 
