@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 DEMO_WORKSPACE ?= demo-workspace
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean tools reliability
+.PHONY: demo test lint bench clean tools reliability science
 
 # Optional Debian tools (systemd-analyze, promtool): scripts/install-debian-tools.sh.
 TOOLS_STAMP := $(VENV)/.tools
@@ -59,3 +59,10 @@ bench: $(STAMP) $(TOOLS_STAMP)
 RELIABILITY_ARGS ?= --groups 200 --kills 1000 --claims 10000
 reliability: $(STAMP) $(TOOLS_STAMP)
 	$(VENV)/bin/python bench/reliability.py $(RELIABILITY_ARGS)
+
+# Accuracy at full size against the simulator's truth: a calibrator and 3 target groups with
+# interference and two dead antennas (~25 min on 2 cores); the last line is one JSON object.
+# SCIENCE_ARGS="--antennas 32 --channels 16" for a quick run.
+SCIENCE_ARGS ?=
+science: $(STAMP) $(TOOLS_STAMP)
+	$(VENV)/bin/python bench/science.py $(SCIENCE_ARGS)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from stages import source_finding
 from stages.common import C_M_S, committed_ms, inspect_ms, sigma_theory_jy
 from stages.imaging_geometry import FieldGeometry, plan_field
 from stages.protocol import StageFailure, run
@@ -27,6 +28,7 @@ PB_FWHM_FACTOR = 1.03
 SIDEREAL_DEG_PER_S = 360.98564736629 / 86400.0
 PB_CUTOFF = 0.1  # the primary-beam-corrected image is blanked where the beam is below this
 PB_SAMPLES = 24  # beam positions averaged over the group (one per integration)
+SOURCES_CSV = "sources.csv"
 
 
 def stage(request: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
     pb_info = _primary_beam_correct(fits, pbcor, request)
     png = out / "image.png"
     _preview(fits, png, request["group_id"], qa, imager)
+    catalogue = _source_catalogue(fits, out, scratch, request, qa, params)
     shutil.rmtree(scratch, ignore_errors=True)
     metrics = {
         **qa,
@@ -123,17 +126,96 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         **settings,
         **geometry.as_metrics(),
         **theory,
+        **catalogue,
     }
+    artifacts = [
+        {"path": "image.fits", "kind": "image_fits"},
+        {"path": "image.pbcor.fits", "kind": "image_pbcor_fits"},
+        {"path": "image.png", "kind": "image_png"},
+        {"path": "psf.fits", "kind": "psf_fits"},
+    ]
+    if (out / SOURCES_CSV).exists():
+        artifacts.append({"path": SOURCES_CSV, "kind": "source_catalogue"})
     return {
-        "artifacts": [
-            {"path": "image.fits", "kind": "image_fits"},
-            {"path": "image.pbcor.fits", "kind": "image_pbcor_fits"},
-            {"path": "image.png", "kind": "image_png"},
-            {"path": "psf.fits", "kind": "psf_fits"},
-        ],
+        "artifacts": artifacts,
         "metrics": metrics,
         "qa": qa,
     }
+
+
+def _source_catalogue(
+    fits: Path,
+    out: Path,
+    scratch: Path,
+    request: dict[str, Any],
+    qa: dict[str, Any],
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """PyBDSF's catalogue of the flat-noise image as ``sources.csv``, and (with a sky
+    catalogue configured) its comparison with the catalogue. A finder that fails leaves the
+    image standing: the error is recorded and the image gate warns on it."""
+    from astropy.io import fits as pyfits
+    from astropy.wcs import WCS
+
+    thresh_pix = float(params.get("source_thresh_pix", 5.0))
+    thresh_isl = float(params.get("source_thresh_isl", 3.0))
+    t = time.monotonic()
+    # PyBDSF writes its log beside the image it reads: give it a link in the scratch area.
+    link = scratch / "bdsf" / fits.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(fits.resolve())
+    try:
+        import bdsf
+
+        found = source_finding.find_sources(link, link.parent, thresh_pix, thresh_isl)
+    except Exception as exc:  # noqa: BLE001 - PyBDSF raises anything from a bad fit to numpy
+        return {
+            "source_finder": "pybdsf",
+            "source_finder_error": f"{type(exc).__name__}: {exc}"[:300],
+        }
+    source_finding.write_catalogue(
+        out / SOURCES_CSV,
+        found,
+        {
+            "image": fits.name,
+            "finder": f"PyBDSF {bdsf.__version__}",
+            "thresh_pix_sigma": thresh_pix,
+            "thresh_isl_sigma": thresh_isl,
+            "reffreq_hz": qa.get("reffreq_hz"),
+        },
+    )
+    metrics: dict[str, Any] = {
+        "source_finder": f"pybdsf {bdsf.__version__}",
+        "source_finder_s": round(time.monotonic() - t, 2),
+        "sources_found": len(found),
+    }
+    reference = request.get("reference_sources")
+    if reference is None:
+        metrics["catalogue_comparison"] = "no sky catalogue configured"
+        return metrics
+    with pyfits.open(fits) as hdul:
+        header = hdul[0].header
+    wcs = WCS(header).celestial
+    nx, ny = int(header["NAXIS1"]), int(header["NAXIS2"])
+
+    def in_field(ra: float, dec: float) -> bool:
+        x, y = (float(v) for v in wcs.world_to_pixel_values(ra, dec))
+        return 0 <= x < nx and 0 <= y < ny
+
+    beam = float(qa.get("beam_major_arcsec") or 0.0)
+    metrics.update(
+        source_finding.compare(
+            found,
+            reference,
+            freq_hz=float(qa["reffreq_hz"]),
+            dish_m=float(request["telescope"]["dish_diameter_m"]),
+            rms_jy=float(qa["rms_jy"]),
+            match_radius_arcsec=max(beam, 3.0 * float(header["CDELT2"]) * 3600.0),
+            in_field=in_field,
+        )
+    )
+    return metrics
 
 
 def _choose_imager(params: dict[str, Any]) -> tuple[str, str | None, str]:

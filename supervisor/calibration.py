@@ -366,6 +366,24 @@ def _solve_plan(group: Group, cfg: Config, cal: Calibrator, tier: str) -> Calibr
     )
 
 
+def reference_sources(cfg: Config, group: Group) -> list[dict[str, Any]] | None:
+    """The sky catalogue's sources an image of ``group`` should show (for the image QA),
+    with their offsets from the pointing centre at mid-group; None with no catalogue."""
+    sky = cfg.sky_catalogue_path
+    if sky is None or group.pointing_dec_deg is None:
+        return None
+    centre_ra = lst_deg(group_mid_time(group), cfg.telescope.longitude_deg)
+    return field_model(
+        read_catalogue(sky),
+        centre_ra,
+        group.pointing_dec_deg,
+        dish_m=cfg.telescope.dish_diameter_m,
+        min_beam_gain=cfg.calibration.sky_reference_min_beam_gain,
+        min_apparent_jy=0.0,
+        max_sources=100_000,
+    )
+
+
 def _registered_set(s: Session, group: Group, cfg: Config, source: str) -> CalibrationSet | None:
     when = group_mid_time(group)
     query = select(CalibrationSet).where(CalibrationSet.status == "valid")

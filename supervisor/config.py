@@ -119,6 +119,12 @@ class CalibrationConfig:
         0.05, min=0, max=1, help="field sources where the 1.4 GHz beam is below this are left out"
     )
     sky_model_max_sources: int = _field(200, min=0, help="the brightest this many at most")
+    sky_reference_min_beam_gain: float = _field(
+        0.1,
+        min=0,
+        max=1,
+        help="image QA: catalogue sources where the beam is at least this are expected in it",
+    )
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,13 @@ class GatesConfig:
     calibrator_flux_error_warn: float = _field(0.10, min=0)
     calibrator_flux_error_fail: float = _field(0.20, min=0)
     beam_axis_ratio_warn: float = _field(3.0, min=1, help="restoring beam major/minor")
+    catalogue_min_matched: int = _field(
+        3, min=1, help="image: fewer sky-catalogue sources matched: no flux/astrometry scores"
+    )
+    catalogue_flux_error_warn: float = _field(0.10, min=0, help="|median found/catalogue - 1|")
+    catalogue_flux_error_fail: float = _field(0.30, min=0)
+    astrometry_offset_warn_arcsec: float = _field(5.0, min=0, help="median offset, arcsec")
+    astrometry_offset_fail_arcsec: float = _field(20.0, min=0)
     min_usable_subbands: int = _field(12, min=1, max=16, help="fewer left: quarantine")
     subband_nonfinite_drop_fraction: float = _field(
         0.5, min=0, max=1, help="a subband with more NaN/Inf visibilities than this is dropped"

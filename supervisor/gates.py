@@ -219,8 +219,44 @@ def evaluate(stage: str, metrics: dict[str, Any], g: GatesConfig) -> GateResult 
                     f"{g.calibrator_flux_error_fail} fails",
                 )
             )
+        scores += _catalogue_scores(metrics, g)
         return _combine(stage, scores)
     return None
+
+
+def _catalogue_scores(metrics: dict[str, Any], g: GatesConfig) -> list[MetricScore]:
+    """The image's PyBDSF catalogue against the sky catalogue: flux scale and astrometry,
+    scored once enough sources matched; a source finder that failed warns (never fails:
+    the image itself stands)."""
+    if metrics.get("source_finder_error"):
+        return [
+            _score(
+                "source_finder", None, 0.5, "PyBDSF failed: " + metrics["source_finder_error"][:80]
+            )
+        ]
+    matched = metrics.get("catalogue_matched")
+    if matched is None or matched < g.catalogue_min_matched:
+        return []
+    err = abs(_num(metrics.get("catalogue_flux_ratio_median")) - 1.0)
+    offset = _num(metrics.get("astrometry_offset_arcsec_median"))
+    return [
+        _score(
+            "catalogue_flux_error",
+            err,
+            score_lower_is_better(err, g.catalogue_flux_error_warn, g.catalogue_flux_error_fail),
+            f"|median found/catalogue - 1| <= {g.catalogue_flux_error_warn} pass, > "
+            f"{g.catalogue_flux_error_fail} fails ({matched} sources)",
+        ),
+        _score(
+            "astrometry_offset_arcsec",
+            offset,
+            score_lower_is_better(
+                offset, g.astrometry_offset_warn_arcsec, g.astrometry_offset_fail_arcsec
+            ),
+            f'median offset <= {g.astrometry_offset_warn_arcsec}" pass, > '
+            f'{g.astrometry_offset_fail_arcsec}" fails',
+        ),
+    ]
 
 
 def on_fail_category(stage: str, g: GatesConfig) -> str:

@@ -19,7 +19,7 @@ from supervisor.models import (
     StageAttempt,
 )
 
-PRODUCT_KINDS = ("ms", "image_fits", "image_pbcor_fits", "image_png")
+PRODUCT_KINDS = ("ms", "image_fits", "image_pbcor_fits", "image_png", "source_catalogue")
 
 
 def calibration_used(s: Session, group: Group) -> tuple[str | None, int | None]:

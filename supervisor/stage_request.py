@@ -86,6 +86,8 @@ def build_request(
     extras: dict[str, Any] = {}
     if plan is not None:
         extras["calibration_plan"] = plan.as_request()
+    if claim.stage == "image":
+        extras["reference_sources"] = calibration.reference_sources(cfg, group)
     cal = calibration.catalogue_source(cfg, group.calibrator_name)
     if cal is not None and group.is_calibrator:
         extras["calibrator_source"] = dataclasses.asdict(cal)

@@ -103,6 +103,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
             "CONTIMG_PATHS__TMPFS_STAGING": str(tmpfs / f"contimg-e2e-{os.getpid()}"),
             "CONTIMG_CALIBRATION__SKY_CATALOGUE": "incoming/truth/sky_catalogue.csv",
             "CONTIMG_CALIBRATION__SKY_MODEL_MIN_BEAM_GAIN": "0.9",
+            "CONTIMG_CALIBRATION__SKY_REFERENCE_MIN_BEAM_GAIN": "0.9",
         },
     )
     db = Database(cfg.database_url)
@@ -220,7 +221,14 @@ def test_target_is_calibrated_from_the_calibrators_tables(night: Night) -> None:
                 select(QualityAssessment).where(QualityAssessment.group_id == night.ids[TARGET])
             )
         }
-    assert set(products) == {"ms", "image_fits", "image_pbcor_fits", "image_png", "qa"}
+    assert set(products) == {
+        "ms",
+        "image_fits",
+        "image_pbcor_fits",
+        "image_png",
+        "source_catalogue",
+        "qa",
+    }
     assert {p.calibration_tier for p in products.values()} == {"valid_window"}
     assert all(Path(p.path).exists() for p in products.values() if p.path)
     assert Path(products["image_png"].path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -235,6 +243,28 @@ def test_target_is_calibrated_from_the_calibrators_tables(night: Night) -> None:
         ).one()
     not_passing = {k for k, v in image_qa.metrics.items() if v["verdict"] != "pass"}
     assert not_passing <= {"beam_axis_ratio"}, image_qa.metrics
+
+
+def test_target_source_catalogue_matches_the_sky_catalogue(night: Night) -> None:
+    """PyBDSF's catalogue of the target image against the survey catalogue the simulator
+    wrote (3 % flux, 1" position errors): every expected source found, flux and astrometry
+    scored by the image gate."""
+    image = night.metrics(TARGET, "image")
+    assert image["source_finder"].startswith("pybdsf")
+    assert image["catalogue_expected_5sigma"] == image["catalogue_matched"] == 3
+    assert image["catalogue_missed"] == 0
+    assert abs(image["catalogue_flux_ratio_median"] - 1.0) < 0.1
+    assert image["astrometry_offset_arcsec_median"] < 5.0
+    rows = night.artifact(TARGET, "source_catalogue").read_text().splitlines()
+    header = [r for r in rows if not r.startswith("#")][0].split(",")
+    assert header[:3] == ["source_id", "ra_deg", "dec_deg"]
+    with night.db.transaction() as s:
+        qa = s.scalars(
+            select(QualityAssessment).where(
+                QualityAssessment.group_id == night.ids[TARGET], QualityAssessment.stage == "image"
+            )
+        ).one()
+    assert {"catalogue_flux_error", "astrometry_offset_arcsec"} <= set(qa.metrics)
 
 
 def test_target_sources_fluxes_positions_and_noise(night: Night) -> None:

@@ -88,6 +88,7 @@ def night(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Night]:
         environ={
             "CONTIMG_CALIBRATION__SKY_CATALOGUE": "incoming/truth/sky_catalogue.csv",
             "CONTIMG_CALIBRATION__SKY_MODEL_MIN_BEAM_GAIN": "0.9",
+            "CONTIMG_CALIBRATION__SKY_REFERENCE_MIN_BEAM_GAIN": "0.9",
         },
     )
     db = Database(cfg.database_url)
