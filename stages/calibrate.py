@@ -134,6 +134,9 @@ def _solve_tables(
     for path in tables.values():
         shutil.rmtree(path, ignore_errors=True)
     stats = {}
+    # A uv-range cut (CASA syntax, e.g. ">100lambda"): the short baselines see the extended
+    # emission no point-source model holds; leave them out of the solves where that matters.
+    uvrange = str(params.get("uvrange", ""))
     stats["G0"] = ct.gaincal(
         vis=str(ms),
         caltable=str(tables["G0"]),
@@ -142,6 +145,7 @@ def _solve_tables(
         refant=refant,
         minsnr=3.0,
         spw=g0_spw,
+        uvrange=uvrange,
     )
     check_solutions("gaincal (G0, phase)", tables["G0"])
     stats["B"] = ct.bandpass(
@@ -153,6 +157,7 @@ def _solve_tables(
         gaintable=[str(tables["G0"])],
         minsnr=minsnr,
         solnorm=False,
+        uvrange=uvrange,
     )
     check_solutions("bandpass (B)", tables["B"])
     stats["G"] = ct.gaincal(
@@ -163,6 +168,7 @@ def _solve_tables(
         refant=refant,
         gaintable=[str(tables["B"])],
         minsnr=3.0,
+        uvrange=uvrange,
     )
     check_solutions("gaincal (G, amplitude+phase)", tables["G"])
     return stats

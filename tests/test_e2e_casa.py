@@ -165,7 +165,8 @@ def test_recovered_gains_match_the_injected_ones(night: Night) -> None:
     errors = gain_errors(
         caldir, night.truth_dir / f"{night.ids[CAL]}.npz", truth["antenna_names"].index(refant)
     )
-    assert errors["flagged_fraction"] == 0.0
+    # AOFlagger's few false positives can leave a bandpass channel unsolved (measured 0.4 %).
+    assert errors["flagged_fraction"] < 0.01
     assert errors["amp_err_rms_pct"] < 2.0
     assert errors["phase_err_rms_deg"] < 2.0
 
@@ -283,7 +284,11 @@ def test_measurement_set_is_what_casa_needs(night: Night) -> None:
 
     ms = night.artifact(TARGET, "ms")
     convert = night.metrics(TARGET, "convert")
-    assert (convert["n_spw"], convert["n_chan"], convert["flagged_fraction"]) == (1, 64, 0.0)
+    assert (convert["n_spw"], convert["n_chan"]) == (1, 64)
+    # No interference was injected: AOFlagger's false positives on Gaussian noise only
+    # (measured 0.08 %), no antenna flagged.
+    assert convert["flagged_fraction"] < 0.02 and convert["antennas_flagged"] == {}
+    assert convert["flagger"] == "aoflagger"
     assert convert["staged_in"] == night.metrics(TARGET, "preflight")["staging"]
     tmpfs = night.cfg.path("tmpfs_staging")
     assert not tmpfs.exists() or not any(tmpfs.iterdir()), "tmpfs staging left behind"
@@ -520,6 +525,7 @@ def test_without_wsclean_the_same_products_come_from_tclean(night: Night, tmp_pa
         "image_pbcor_fits",
         "image_png",
         "psf_fits",
+        "source_catalogue",
     }
     sources = measure_sources(
         tmp_path / "out" / "image.fits", night.truth_dir / f"{night.ids[TARGET]}.json"
