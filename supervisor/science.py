@@ -175,12 +175,16 @@ def measure_sources(fits_path: Path, truth_json: Path, dish_m: float = 4.65) -> 
         # Fit the beam's core (within half a beam of the peak): the restored source is the
         # beam there, while residual sidelobes dominate further out.
         core = ((x - px) ** 2 + (y - py) ** 2) <= (1.2 * sig_min * 2.355 / 2) ** 2 + 2
-        popt, _ = curve_fit(
-            beam, (x[core], y[core]), cut[core], p0=[cut.max(), px, py], maxfev=20000
-        )
-        amp, x0, y0 = popt
         expected = src["flux_jy_1p4ghz"] * (reffreq / 1.4e9) ** src["spectral_index"]
         expected *= math.exp(-4 * math.log(2) * (src["offset_deg"] / fwhm_deg) ** 2)
+        try:
+            popt, _ = curve_fit(
+                beam, (x[core], y[core]), cut[core], p0=[cut.max(), px, py], maxfev=20000
+            )
+        except (RuntimeError, ValueError, TypeError):  # no convergence, or off the image
+            out.append({"name": src["name"], "expected_jy": expected, "fit_failed": True})
+            continue
+        amp, x0, y0 = popt
         out.append(
             {
                 "name": src["name"],

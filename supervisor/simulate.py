@@ -86,6 +86,14 @@ class SimulationSpec:
     calibrator_group: int = 0
     n_field_sources: int = 3
     field_radius_deg: float = 0.25
+    # sky: per_group (n_field_sources fresh sources near each group's centre, within half
+    # field_radius_deg) or persistent (one sky for the night, sky_density_per_deg2 sources
+    # with a Euclidean N(>S) ~ S^-1.5 between sky_flux_min_jy and sky_flux_max_jy; each
+    # group sees those within field_radius_deg of its centre, so neighbours share sources)
+    sky: str = "per_group"
+    sky_density_per_deg2: float = 3.0
+    sky_flux_min_jy: float = 0.02
+    sky_flux_max_jy: float = 1.0
     sefd_jy: float = 6500.0
     jitter_s: int = 30  # name timestamps of sb01..15 lie within +-jitter_s of sb00's
     phase: str = "meridian"  # meridian (sidereal centre at mid-group) or drift
@@ -132,6 +140,10 @@ class SimulationSpec:
             problems.append(
                 f"channel_order={self.channel_order!r}: must be descending or ascending"
             )
+        if self.sky not in ("per_group", "persistent"):
+            problems.append(f"sky={self.sky!r}: must be per_group or persistent")
+        if not 0 < self.sky_flux_min_jy < self.sky_flux_max_jy:
+            problems.append("sky fluxes: need 0 < sky_flux_min_jy < sky_flux_max_jy")
         if self.phase not in ("meridian", "drift"):
             problems.append(f"phase={self.phase!r}: must be meridian or drift")
         if self.dec_deg is not None and not -30 <= self.dec_deg <= 90:
@@ -397,6 +409,7 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
     alive = np.ones(spec.n_antennas)
     alive[list(spec.dead_antennas)] = 0.0  # a dead antenna sees no sky
     noise_scale = np.sqrt(power[ap[:, 0]] * power[ap[:, 1]])  # (Nbl,)
+    night_sky = persistent_sky(spec, night_start, dec_deg) if spec.sky == "persistent" else []
     # Interference has its own random stream: turning it on changes nothing else drawn.
     rng_rfi = np.random.default_rng(spec.seed + 9_000_011)
     truths: list[GroupTruth] = []
@@ -428,7 +441,14 @@ def simulate(outdir: str | os.PathLike[str], spec: SimulationSpec) -> list[Group
                     }
                 )
         cosd = math.cos(math.radians(dec_deg))
-        for k in range(spec.n_field_sources):
+        if spec.sky == "persistent":
+            sources += [
+                dict(src)
+                for src in night_sky
+                if angular_separation_deg(src["ra_deg"], src["dec_deg"], ra_mid, dec_deg)  # type: ignore[arg-type]
+                <= spec.field_radius_deg
+            ]
+        for k in range(spec.n_field_sources if spec.sky == "per_group" else 0):
             r = spec.field_radius_deg * 0.5 * math.sqrt(rng.uniform(0.05, 1.0))
             theta = rng.uniform(0, 2 * math.pi)
             sources.append(
@@ -661,6 +681,39 @@ def write_sky_catalogue(path: Path, truths: list[GroupTruth], spec: SimulationSp
         "name,ra_deg,dec_deg,flux_mjy,spectral_index\n" + "".join(r + "\n" for r in rows)
     )
     return len(rows)
+
+
+def persistent_sky(
+    spec: SimulationSpec, night_start: datetime, dec_deg: float
+) -> list[dict[str, float | str]]:
+    """One sky for the whole night (its own random stream): sources over the strip of RA
+    the night's groups sweep, +- field_radius_deg, at sky_density_per_deg2, with fluxes
+    from N(>S) ~ S^-1.5 between sky_flux_min_jy and sky_flux_max_jy (Jy at 1.4 GHz)."""
+    rng = np.random.default_rng(spec.seed + 5_000_007)
+    sidereal_deg_per_s = 360.98564736629 / 86400.0
+    ra0 = lst_deg(night_start, spec.longitude_deg)
+    span = spec.n_groups * spec.group_duration_s * sidereal_deg_per_s
+    radius = spec.field_radius_deg
+    cosd = math.cos(math.radians(dec_deg))
+    width_ra = span + 2 * radius / cosd  # degrees of RA
+    area = width_ra * cosd * 2 * radius
+    n = int(rng.poisson(spec.sky_density_per_deg2 * area))
+    lo, hi = spec.sky_flux_min_jy, spec.sky_flux_max_jy
+    u = rng.random(n)
+    # inverse CDF of N(>S) ~ S^-1.5 truncated to [lo, hi]
+    flux = (lo**-1.5 - u * (lo**-1.5 - hi**-1.5)) ** (-1.0 / 1.5)
+    ra = ra0 - radius / cosd + rng.random(n) * width_ra
+    dec = dec_deg - radius + rng.random(n) * 2 * radius
+    return [
+        {
+            "name": f"SKY{k + 1:04d}",
+            "ra_deg": float(ra[k] % 360.0),
+            "dec_deg": float(dec[k]),
+            "flux_jy_1p4ghz": float(flux[k]),
+            "spectral_index": float(rng.normal(-0.7, 0.2)),
+        }
+        for k in range(n)
+    ]
 
 
 def plan_rfi(

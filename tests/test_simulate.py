@@ -171,3 +171,30 @@ def test_invalid_specs_are_refused() -> None:
         SimulationSpec(faults=(Fault("drop", 3, 0),))
     with pytest.raises(ValueError, match="not in the catalogue"):
         simulate("/tmp/never", SimulationSpec(calibrator="3C999"))
+
+
+def test_a_persistent_sky_is_shared_by_neighbouring_groups_and_listed_once(
+    tmp_path: Path,
+) -> None:
+    spec = SimulationSpec(
+        n_groups=2, n_times=2, sky="persistent", field_radius_deg=1.5, seed=4, sefd_jy=0.0
+    )
+    first, second = simulate(tmp_path, spec)
+    names = [{s["name"] for s in t.sources} for t in (first, second)]
+    shared = names[0] & names[1]
+    assert shared, "groups 1.3 deg apart with a 1.5 deg radius must share sources"
+    by_name = [{s["name"]: s for s in t.sources} for t in (first, second)]
+    for name in shared:  # the same source: same position and flux, another offset
+        a, b = by_name[0][name], by_name[1][name]
+        assert (a["ra_deg"], a["dec_deg"], a["flux_jy_1p4ghz"]) == (
+            b["ra_deg"],
+            b["dec_deg"],
+            b["flux_jy_1p4ghz"],
+        )
+        assert a["offset_deg"] != b["offset_deg"]
+    fluxes = [s["flux_jy_1p4ghz"] for t in (first, second) for s in t.sources]
+    assert all(0.02 <= f <= 1.0 for f in fluxes)
+    rows = (tmp_path / "truth" / "sky_catalogue.csv").read_text().splitlines()[3:]
+    assert len(rows) == len(names[0] | names[1])  # each source once
+    with pytest.raises(ValueError, match="sky="):
+        SimulationSpec(sky="static")
