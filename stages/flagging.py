@@ -177,6 +177,32 @@ def flag_rfi_aoflagger(
             f"the aoflagger module does not import: {exc}",
             "the flagdata tier is tried",
         ) from exc
+    try:
+        _run_aoflagger(
+            aoflagger, data, flags, ant1, ant2, times, pols, skip_antennas, strategy_path
+        )
+    except StageFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the C++ library raises RuntimeError for anything
+        raise StageFailure(
+            "recoverable",
+            "flagger_failed",
+            f"AOFlagger failed: {type(exc).__name__}: {str(exc)[:300]}",
+            "the flagdata tier is tried",
+        ) from exc
+
+
+def _run_aoflagger(
+    aoflagger: Any,
+    data: np.ndarray,
+    flags: np.ndarray,
+    ant1: np.ndarray,
+    ant2: np.ndarray,
+    times: np.ndarray,
+    pols: np.ndarray,
+    skip_antennas: set[int],
+    strategy_path: str | None,
+) -> None:
     flagger = aoflagger.AOFlagger()
     path = strategy_path or flagger.find_strategy_file(aoflagger.TelescopeId.Generic)
     strategy = flagger.load_strategy_file(path)

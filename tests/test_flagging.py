@@ -105,3 +105,13 @@ def test_unknown_flagger_is_a_configuration_error() -> None:
     with pytest.raises(StageFailure) as err:
         flagging.choose_flagger("sumthreshold")
     assert (err.value.category, err.value.code) == ("fatal", "bad_tier_params")
+
+
+def test_an_aoflagger_failure_is_recoverable_for_the_flagdata_tier() -> None:
+    pytest.importorskip("aoflagger", reason="the aoflagger module is not installed")
+    data, flags, a1, a2, times = visibilities({})
+    with pytest.raises(StageFailure) as err:
+        flagging.flag_rfi_aoflagger(
+            data, flags, a1, a2, times, XX_YY, set(), strategy_path="/nonexistent/strategy.lua"
+        )
+    assert (err.value.category, err.value.code) == ("recoverable", "flagger_failed")
