@@ -194,6 +194,9 @@ OUTCOME_KINDS = (
 )
 CATEGORIES = ("retryable", "recoverable", "validation", "fatal")
 # Where a calibrate tier gets its tables (supervisor.calibration explains each).
+# stages/flagging.py's FLAGGERS (stages/ and supervisor/ import nothing of each other; a
+# test keeps the two equal).
+FLAGGERS = ("auto", "aoflagger", "flagdata", "none")
 CALIBRATION_SOURCES = ("auto", "self", "valid_window", "last_known_good", "field_calibrator")
 
 
@@ -594,6 +597,16 @@ def _cross_checks(cfg: Config) -> list[str]:
                 f"stages.calibrate.tiers[{i}].params.source = {source!r}: must be one of "
                 f"{', '.join(CALIBRATION_SOURCES)}"
             )
+    convert = cfg.stages.get("convert")
+    for i, tier in enumerate(convert.tiers if convert else []):
+        where = f"stages.convert.tiers[{i}].params"
+        flagger = tier.params.get("flagger", "auto")
+        if flagger not in FLAGGERS:
+            out.append(f"{where}.flagger = {flagger!r}: must be one of {', '.join(FLAGGERS)}")
+        for key in ("dead_power_ratio", "noisy_power_ratio"):
+            value = tier.params.get(key)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                out.append(f"{where}.{key} = {value!r}: must be a number > 0")
     if cfg.daemon.heartbeat_s * 2 > cfg.daemon.lease_s:
         out.append(
             f"daemon.heartbeat_s = {cfg.daemon.heartbeat_s}: must be at most half of "

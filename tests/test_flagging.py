@@ -4,6 +4,8 @@ interference in time-frequency planes, and the statistics per subband and antenn
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,18 @@ def test_an_aoflagger_failure_is_recoverable_for_the_flagdata_tier() -> None:
             data, flags, a1, a2, times, XX_YY, set(), strategy_path="/nonexistent/strategy.lua"
         )
     assert (err.value.category, err.value.code) == ("recoverable", "flagger_failed")
+
+
+def test_config_check_names_a_bad_flagger_and_knows_the_same_flaggers(tmp_path: Path) -> None:
+    from supervisor import config
+
+    assert config.FLAGGERS == flagging.FLAGGERS
+    (tmp_path / "bad.toml").write_text(
+        '[stages.convert]\ntiers = [{ name = "primary", params = { flagger = "aoflager", '
+        "dead_power_ratio = -1 } }]\n"
+    )
+    with pytest.raises(config.ConfigError) as err:
+        config.load_config(workspace=tmp_path, path=tmp_path / "bad.toml", environ={})
+    text = str(err.value)
+    assert "stages.convert.tiers[0].params.flagger = 'aoflager'" in text
+    assert "dead_power_ratio = -1" in text
