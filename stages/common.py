@@ -183,3 +183,20 @@ def move_tree(src: Path, dst: Path) -> None:
             raise
         shutil.copytree(src, dst, symlinks=True)
         shutil.rmtree(src)
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by Python back to the system (glibc's malloc_trim): after reading
+    16 subbands one by one, glibc keeps their freed buffers in the heap (its mmap threshold
+    rises after the first large frees), which counts in the worker's RSS and in the memory
+    the supervisor sees it use. No-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        return

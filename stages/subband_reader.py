@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from stages.common import release_freed_memory
+
 # Per-baseline-time arrays that must agree between subbands for a channel-wise copy.
 _BLT_ARRAYS = ("time_array", "ant_1_array", "ant_2_array", "uvw_array", "phase_center_id_array")
 
@@ -62,6 +64,7 @@ def read_band(files: list[str]) -> tuple[Any, str]:
     first.Nfreqs = len(freqs)
     first.flex_spw_id_array = np.full(len(freqs), first.spw_array[0], dtype=int)
     first.check()
+    release_freed_memory()
     return first, "per_subband"
 
 
