@@ -79,7 +79,7 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def inspect_ms(ms: Path, *, data_column: str = "DATA", sample_rows: int = 200_000) -> dict:
+def inspect_ms(ms: Path, *, data_column: str = "DATA", sample_rows: int = 20_000) -> dict:
     """Structural facts of a Measurement Set, read with python-casacore.
 
     Returns rows, columns, channel frequencies (ascending?), antenna names, flagged
