@@ -17,7 +17,7 @@ from supervisor import calibration
 from supervisor.config import Config
 from supervisor.daemon import Daemon
 from supervisor.db import Database
-from supervisor.models import Group, StageAttempt, Transition
+from supervisor.models import Group, StageAttempt
 from supervisor.resources import Probe, Reading
 from supervisor.states import Actor, State, transition
 from tests.conftest import add_pending_group, fake_pipeline_config
@@ -185,16 +185,11 @@ def test_a_calibrators_solve_does_not_hold_up_a_target_with_valid_tables(
             cal_group: State.COMPLETED,
             target: State.COMPLETED,
         }
-    # The calibrator's calibrate was claimed first (its attempt row may still start a few
-    # ms after the target's: the two attempt threads race to their first transaction).
-    with sqlite_db.transaction() as s:
-        claimed = {
-            t.group_id: t.at
-            for t in s.scalars(
-                select(Transition).where(Transition.message == "claimed calibrate attempt 1")
-            )
-        }
-    assert claimed[cal_group] < claimed[target]
+    # Which of the two reaches calibrate first is a race of their preflights and converts
+    # (priority orders groups that are claimable at the same moment; test_pipeline.py checks
+    # that): so no claim order is asserted here, only that both calibrated at once.
+    target_calibrate = rows[(target, "calibrate")]
+    assert target_calibrate[1] > solve_start and target_calibrate[0] < solve_end
     assert solve_start < rows[(target, "register")][1]
 
 
