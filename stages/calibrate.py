@@ -18,12 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import committed_ms, inspect_ms
+from stages.common import apparent_spectrum, committed_ms, inspect_ms
 from stages.protocol import StageFailure, casa_log_lines, run, write_json_atomic
 
 UNSOLVED_RE = re.compile(r"could not be (solved|corrected)")
-PB_FWHM_FACTOR = 1.03  # Airy main lobe: FWHM = 1.03 lambda / D
-C_M_S = 299_792_458.0
 
 
 def stage(request: dict[str, Any]) -> dict[str, Any]:
@@ -193,16 +191,6 @@ def check_solutions(step: str, path: Path) -> None:
     if rows == 0 or flagged >= 1.0:
         what = "has no rows" if rows == 0 else f"has all {rows} solution rows flagged"
         raise StageFailure("recoverable", "no_solutions", f"{step}: {path.name} {what}", hint)
-
-
-def apparent_spectrum(src: dict[str, Any], freqs_hz: np.ndarray, dish_m: float) -> np.ndarray:
-    """Flux density (Jy) of catalogue source ``src`` as the array sees it at ``freqs_hz``:
-    S0 (nu / 1.4 GHz)^alpha times the Gaussian primary beam at its offset, whose width
-    scales as 1/nu (so an off-centre source looks steeper than it is)."""
-    fwhm_deg = np.degrees(PB_FWHM_FACTOR * C_M_S / freqs_hz / dish_m)
-    beam = np.exp(-4.0 * math.log(2.0) * (float(src.get("offset_deg", 0.0)) / fwhm_deg) ** 2)
-    intrinsic = float(src["flux_jy_1p4ghz"]) * (freqs_hz / 1.4e9) ** float(src["spectral_index"])
-    return intrinsic * beam
 
 
 def write_model(

@@ -18,6 +18,7 @@ BAND_LOW_HZ = 1311.25e6
 BAND_HIGH_HZ = 1498.75e6
 SUBBAND_WIDTH_HZ = (BAND_HIGH_HZ - BAND_LOW_HZ) / N_SUBBANDS
 C_M_S = 299_792_458.0
+PB_FWHM_FACTOR = 1.03  # Airy main lobe: FWHM = 1.03 lambda / D
 REQUIRED_MS_COLUMNS = ("DATA", "UVW", "ANTENNA1", "ANTENNA2", "TIME", "FLAG")
 
 
@@ -206,3 +207,13 @@ def release_freed_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError):
         return
+
+
+def apparent_spectrum(src: dict[str, Any], freqs_hz: np.ndarray, dish_m: float) -> np.ndarray:
+    """Flux density (Jy) of catalogue source ``src`` as the array sees it at ``freqs_hz``:
+    S0 (nu / 1.4 GHz)^alpha times the Gaussian primary beam at its offset, whose width
+    scales as 1/nu (so an off-centre source looks steeper than it is)."""
+    fwhm_deg = np.degrees(PB_FWHM_FACTOR * C_M_S / freqs_hz / dish_m)
+    beam = np.exp(-4.0 * math.log(2.0) * (float(src.get("offset_deg", 0.0)) / fwhm_deg) ** 2)
+    intrinsic = float(src["flux_jy_1p4ghz"]) * (freqs_hz / 1.4e9) ** float(src["spectral_index"])
+    return intrinsic * beam

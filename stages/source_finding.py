@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-PB_FWHM_FACTOR = 1.03
-C_M_S = 299_792_458.0
+from stages.common import apparent_spectrum
+
 COLUMNS = (
     "source_id",
     "ra_deg",
@@ -113,12 +113,10 @@ def write_catalogue(path: Path, sources: list[FoundSource], header: dict[str, An
 
 
 def apparent_flux_jy(ref: dict[str, Any], freq_hz: float, dish_m: float) -> float:
-    """A catalogue source's flux as the array sees it at ``freq_hz``: S (nu/1.4 GHz)^alpha
-    times the Gaussian primary beam at its offset from the pointing centre."""
-    fwhm_deg = math.degrees(PB_FWHM_FACTOR * C_M_S / freq_hz / dish_m)
-    beam = math.exp(-4.0 * math.log(2.0) * (float(ref.get("offset_deg", 0.0)) / fwhm_deg) ** 2)
-    alpha = float(ref.get("spectral_index", -0.7))
-    return float(ref["flux_jy_1p4ghz"]) * (freq_hz / 1.4e9) ** alpha * beam
+    """A catalogue source's flux as the array sees it at ``freq_hz`` (stages.common's
+    apparent_spectrum at one frequency; spectral index -0.7 where the catalogue has none)."""
+    src = {**ref, "spectral_index": ref.get("spectral_index", -0.7)}
+    return float(apparent_spectrum(src, np.array([freq_hz]), dish_m)[0])
 
 
 def compare(

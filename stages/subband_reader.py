@@ -55,8 +55,6 @@ def read_band(files: list[str]) -> tuple[Any, str]:
         data[:, columns] = sub.data_array
         flags[:, columns] = sub.flag_array
         nsamples[:, columns] = sub.nsample_array
-        if k > 0:
-            del sub
     # The first subband's object becomes the band: its per-blt metadata serve all.
     first.data_array, first.flag_array, first.nsample_array = data, flags, nsamples
     first.freq_array = freqs

@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,14 +22,13 @@ import pytest
 from sqlalchemy import func, select
 
 from supervisor import migrate
-from supervisor.config import Config, load_config
+from supervisor.config import load_config
 from supervisor.daemon import Daemon
 from supervisor.db import Database
 from supervisor.ingest import Ingestor
 from supervisor.models import (
     Artifact,
     CalibrationSet,
-    Group,
     Product,
     QualityAssessment,
     StageAttempt,
@@ -38,46 +36,11 @@ from supervisor.models import (
 )
 from supervisor.science import gain_errors, measure_sources
 from supervisor.simulate import Fault, SimulationSpec, simulate
+from tests.e2e_night import Night
 
 pytestmark = pytest.mark.casa
 
 CAL, TARGET, FLAGGED, MISSING, CORRUPT = range(5)
-
-
-@dataclass
-class Night:
-    cfg: Config
-    db: Database
-    ids: list[str]
-    truth_dir: Path
-
-    def group(self, index: int) -> Group:
-        with self.db.transaction() as s:
-            return s.get(Group, self.ids[index])  # type: ignore[return-value]
-
-    def truth(self, index: int) -> dict:
-        return json.loads((self.truth_dir / f"{self.ids[index]}.json").read_text())
-
-    def metrics(self, index: int, stage: str) -> dict:
-        with self.db.transaction() as s:
-            attempt = s.scalars(
-                select(StageAttempt).where(
-                    StageAttempt.group_id == self.ids[index],
-                    StageAttempt.stage == stage,
-                    StageAttempt.outcome == "succeeded",
-                )
-            ).one()
-            return attempt.result["metrics"]
-
-    def artifact(self, index: int, kind: str) -> Path:
-        with self.db.transaction() as s:
-            return Path(
-                s.scalars(
-                    select(Artifact.path).where(
-                        Artifact.group_id == self.ids[index], Artifact.kind == kind
-                    )
-                ).one()
-            )
 
 
 @pytest.fixture(scope="module")
@@ -472,42 +435,7 @@ def test_a_calibrator_too_faint_to_solve_on_is_refused_before_solving(
 def _run_image_worker(night: Night, tmp: Path, params: dict) -> dict:
     """The real image worker on the target group's committed (calibrated) MS with the
     tier ``params``; returns its result record."""
-    import subprocess
-    import sys
-
-    from supervisor.casaenv import casa_environment, write_site_config
-    from supervisor.runner import worker_environment
-
-    with night.db.transaction() as s:
-        attempt = s.scalars(
-            select(StageAttempt).where(
-                StageAttempt.group_id == night.ids[TARGET],
-                StageAttempt.stage == "image",
-                StageAttempt.outcome == "succeeded",
-            )
-        ).one()
-        request = json.loads(Path(attempt.workdir, "request.json").read_text())
-    out, work = tmp / "out", tmp / "work"
-    out.mkdir()
-    work.mkdir()
-    request.update(
-        output_dir=str(out),
-        result_path=str(work / "result.json"),
-        casa_log=str(work / "casa.log"),
-        tier={"index": 0, "name": "test", "params": params},
-    )
-    path = work / "request.json"
-    path.write_text(json.dumps(request))
-    site = write_site_config(work, work / "casa.log")
-    subprocess.run(
-        [sys.executable, "-m", "stages.image", "--request", str(path)],
-        cwd=work,
-        env=worker_environment(casa_environment(site), mark=str(work), threads=2),
-        timeout=900,
-        check=False,
-        capture_output=True,
-    )
-    return json.loads((work / "result.json").read_text())
+    return night.rerun_worker(TARGET, "image", tmp, params)
 
 
 def test_without_wsclean_the_same_products_come_from_tclean(night: Night, tmp_path: Path) -> None:

@@ -9,11 +9,9 @@ One night is run once for the module (under a minute on 2 cores).
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,49 +19,18 @@ from sqlalchemy import select
 
 from stages import flagging
 from supervisor import migrate
-from supervisor.config import Config, load_config
+from supervisor.config import load_config
 from supervisor.daemon import Daemon
 from supervisor.db import Database
-from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt
+from supervisor.models import Group, QualityAssessment
 from supervisor.science import flag_accuracy, gain_errors, measure_sources
 from supervisor.simulate import SimulationSpec, simulate
+from tests.e2e_night import Night
 
 pytestmark = pytest.mark.casa
 
 CAL, TARGET = 0, 1
 DEAD = 2  # antenna index: DSA003
-
-
-@dataclass
-class Night:
-    cfg: Config
-    db: Database
-    ids: list[str]
-    truth_dir: Path
-
-    def truth(self, index: int) -> dict:
-        return json.loads((self.truth_dir / f"{self.ids[index]}.json").read_text())
-
-    def metrics(self, index: int, stage: str) -> dict:
-        with self.db.transaction() as s:
-            attempt = s.scalars(
-                select(StageAttempt).where(
-                    StageAttempt.group_id == self.ids[index],
-                    StageAttempt.stage == stage,
-                    StageAttempt.outcome == "succeeded",
-                )
-            ).one()
-            return attempt.result["metrics"]
-
-    def artifact(self, index: int, kind: str) -> Path:
-        with self.db.transaction() as s:
-            return Path(
-                s.scalars(
-                    select(Artifact.path).where(
-                        Artifact.group_id == self.ids[index], Artifact.kind == kind
-                    )
-                ).one()
-            )
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +140,9 @@ def test_calibrator_flux_and_target_sources_keep_their_bounds(night: Night) -> N
 def test_the_flagdata_tier_flags_the_same_interference(night: Night, tmp_path: Path) -> None:
     """The real convert worker on the calibrator group's files with the fallback tier's
     flagger: CASA tfcrop + rflag on the written MS, the same statistics."""
-    result = _run_convert_worker(night, tmp_path, {"flagger": "flagdata"})
+    result = night.rerun_worker(
+        CAL, "convert", tmp_path, {"flagger": "flagdata"}, tmpfs_staging=None
+    )
     assert result["status"] == "succeeded", result
     metrics = result["metrics"]
     assert metrics["flagger"] == "flagdata"
@@ -187,45 +156,6 @@ def test_the_flagdata_tier_flags_the_same_interference(night: Night, tmp_path: P
     assert score.injected_flagged >= 0.5, score
     assert score.clean_lost < 0.25, score
     assert score.dead_flagged == score.dead_injected == 1
-
-
-def _run_convert_worker(night: Night, tmp: Path, params: dict) -> dict:
-    """The real convert worker on the calibrator group's files with tier ``params``."""
-    import subprocess
-
-    from supervisor.casaenv import casa_environment, write_site_config
-    from supervisor.runner import worker_environment
-
-    with night.db.transaction() as s:
-        attempt = s.scalars(
-            select(StageAttempt).where(
-                StageAttempt.group_id == night.ids[CAL],
-                StageAttempt.stage == "convert",
-                StageAttempt.outcome == "succeeded",
-            )
-        ).one()
-        request = json.loads(Path(attempt.workdir, "request.json").read_text())
-    out, work = tmp / "out", tmp / "work"
-    out.mkdir()
-    work.mkdir()
-    request.update(
-        output_dir=str(out),
-        result_path=str(work / "result.json"),
-        casa_log=str(work / "casa.log"),
-        tmpfs_staging=None,
-        tier={"index": 1, "name": "flagdata", "params": params},
-    )
-    path = work / "request.json"
-    path.write_text(json.dumps(request))
-    site = write_site_config(work, work / "casa.log")
-    subprocess.run(
-        [sys.executable, "-m", "stages.convert", "--request", str(path)],
-        cwd=work,
-        env=worker_environment(casa_environment(site), mark=str(work), threads=2),
-        check=False,
-        timeout=600,
-    )
-    return json.loads((work / "result.json").read_text())
 
 
 def test_without_the_aoflagger_module_auto_means_flagdata(monkeypatch: pytest.MonkeyPatch) -> None:
