@@ -6,6 +6,7 @@ transit window) so that the daemon needs no astropy at ingest time.
 
 from __future__ import annotations
 
+import functools
 import math
 import tomllib
 from dataclasses import dataclass
@@ -32,8 +33,17 @@ class Calibrator:
 
 
 def load_catalogue(path: Path | None = None) -> list[Calibrator]:
-    """Read the calibrator TOML (``[[calibrator]]`` tables); raises ValueError naming the file."""
+    """Read the calibrator TOML (``[[calibrator]]`` tables); raises ValueError naming the file.
+
+    Parsed once per version of the file (path, modification time, size): every stage
+    request of a calibrator group looks its calibrator up here."""
     path = path or DEFAULT_CATALOGUE_PATH
+    stat = path.stat()
+    return list(_load_cached(path.resolve(), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: Path, _mtime_ns: int, _size: int) -> tuple[Calibrator, ...]:
     with path.open("rb") as fh:
         data = tomllib.load(fh)
     out = []
@@ -50,7 +60,7 @@ def load_catalogue(path: Path | None = None) -> list[Calibrator]:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: calibrator entry {i}: {exc!r}") from None
-    return out
+    return tuple(out)
 
 
 def gmst_deg(when: datetime) -> float:

@@ -47,7 +47,7 @@ from supervisor.errors import Category, ConfigError, Failure
 from supervisor.executor import StageExecutor
 from supervisor.ingest import Ingestor
 from supervisor.jobs import PeriodicJobs
-from supervisor.leases import Claim, Leases, Owner, database_now
+from supervisor.leases import Candidate, Claim, Leases, Owner, database_now
 from supervisor.listener import Listener
 from supervisor.models import CLAIMABLE_SQL, DaemonRecord, Group, StageAttempt, utcnow
 from supervisor.notify import Notifier
@@ -280,10 +280,10 @@ class Daemon:
             claimed = True
         return claimed
 
-    def _admit(self, checked: set[str], group: Group, input_bytes: int) -> list[str]:
-        """Why ``group``'s next stage cannot start now ([] when it can)."""
-        checked.add(group.stage or "")
-        return self.admission.check(group.stage or "", input_bytes)
+    def _admit(self, checked: set[str], candidate: Candidate) -> list[str]:
+        """Why ``candidate``'s next stage cannot start now ([] when it can)."""
+        checked.add(candidate.stage)
+        return self.admission.check(candidate.stage, candidate.input_bytes)
 
     def _start_attempt(self, claim: Claim) -> None:
         self.admission.reserve(claim.key, claim.stage, claim.input_bytes)

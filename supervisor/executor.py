@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, insert, select
 from sqlalchemy.exc import DBAPIError
 
 from supervisor import calibration, faults, gates, metrics, registry
 from supervisor.calibration import CalibrationPlan
 from supervisor.casaenv import casa_environment, write_site_config
 from supervisor.config import Config
-from supervisor.db import Database, is_sqlite
+from supervisor.db import Database, is_sqlite, prepared_update, update_params
 from supervisor.errors import Failure
 from supervisor.leases import Claim, Leases
 from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt
@@ -43,9 +43,26 @@ from supervisor.runner import (
     write_worker_identity,
 )
 from supervisor.stage_request import AttemptPaths, attempt_paths, build_request
-from supervisor.states import Stage, StaleTransition, State, next_stage, transition
+from supervisor.states import (
+    GroupView,
+    Stage,
+    StaleTransition,
+    State,
+    move_group,
+    next_stage,
+    transition,
+)
 
 log = structlog.get_logger(__name__)
+
+# Built once (see db.prepared_update): they run for every stage.
+_INSERT_ATTEMPT = insert(StageAttempt.__table__)
+_INSERT_ARTIFACT = insert(Artifact.__table__)
+_INSERT_ASSESSMENT = insert(QualityAssessment.__table__)
+_DELETE_ARTIFACTS = delete(Artifact.__table__).where(
+    Artifact.__table__.c.group_id == bindparam("group_id"),
+    Artifact.__table__.c.stage == bindparam("stage"),
+)
 
 
 class StageExecutor:
@@ -180,10 +197,8 @@ class StageExecutor:
             except StaleTransition:
                 return "lost"
             now = self.leases.now(s)
-            attempt = s.get(StageAttempt, attempt_id) if attempt_id is not None else None
-            if attempt is not None and outcome is not None:
-                _fill_attempt(attempt, "abandoned", outcome, None, now)
-                attempt.error_message = message
+            if attempt_id is not None and outcome is not None:
+                _finish_attempt_row(s, attempt_id, "abandoned", outcome, None, now, message)
             transition(
                 s,
                 group,
@@ -202,21 +217,22 @@ class StageExecutor:
         return to.value
 
     def _add_attempt_row(self, s: Any, claim: Claim, paths: AttemptPaths) -> int:
-        row = StageAttempt(
-            group_id=claim.group_id,
-            stage=claim.stage,
-            attempt=claim.attempt,
-            fallback_tier=claim.tier,
-            fencing_token=claim.fencing_token,
-            outcome="running",
-            owner=claim.owner,
-            workdir=str(paths.workdir),
-            started_at=self.leases.now(s),
-            correlation_id=claim.correlation_id,
+        result = s.execute(
+            _INSERT_ATTEMPT,
+            dict(
+                group_id=claim.group_id,
+                stage=claim.stage,
+                attempt=claim.attempt,
+                fallback_tier=claim.tier,
+                fencing_token=claim.fencing_token,
+                outcome="running",
+                owner=claim.owner,
+                workdir=str(paths.workdir),
+                started_at=self.leases.now(s),
+                correlation_id=claim.correlation_id,
+            ),
         )
-        s.add(row)
-        s.flush()
-        return row.id
+        return int(result.inserted_primary_key[0])
 
     def _on_worker_start(self, paths: AttemptPaths, started: WorkerStarted) -> None:
         """Leave the worker's identity beside its request for start-up recovery. A file,
@@ -388,57 +404,53 @@ class StageExecutor:
     ) -> str:
         result = outcome.result or {}
         following = next_stage(Stage(claim.stage))
+        fields: dict[str, Any] = {
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "attempt": 0,
+            "fallback_tier": 0,
+            "crash_count": 0,
+        }
         with self.db.transaction() as s:
-            group = self._locked_group(s, claim)
             now = self.leases.now(s)
+            if following is None:
+                fields["completed_at"] = now
+            else:
+                fields["stage"] = following.value
+            # The fenced move first: a claim that is no longer ours (StaleTransition) stops
+            # here, before any file is moved; the rest of the transaction commits with it.
+            move_group(
+                s,
+                GroupView(claim.group_id, State.RUNNING.value, claim.stage),
+                State.COMPLETED if following is None else State.PENDING,
+                now=now,
+                actor=self.leases.actor,
+                fencing_token=claim.fencing_token,
+                set_fields=fields,
+                message=f"{claim.stage} committed"
+                + ("; group complete" if following is None else ""),
+            )
             published = publish(paths.output_dir, paths.final_dir)
             faults.point("between_rename_and_commit")
             try:
-                s.execute(
-                    delete(Artifact).where(
-                        Artifact.group_id == claim.group_id, Artifact.stage == claim.stage
-                    )
-                )
-                for art in result.get("artifacts", []):
-                    path = paths.final_dir / art["path"]
-                    s.add(
-                        Artifact(
-                            group_id=claim.group_id,
-                            attempt_id=attempt_id,
-                            stage=claim.stage,
-                            kind=str(art.get("kind", "output")),
-                            path=str(path),
-                            bytes=artifact_size(path),
-                            created_at=now,
-                        )
-                    )
-                attempt = s.get(StageAttempt, attempt_id)
-                assert attempt is not None
-                _fill_attempt(attempt, "succeeded", outcome, None, now)
+                s.execute(_DELETE_ARTIFACTS, {"group_id": claim.group_id, "stage": claim.stage})
+                rows = [
+                    {
+                        "group_id": claim.group_id,
+                        "attempt_id": attempt_id,
+                        "stage": claim.stage,
+                        "kind": str(art.get("kind", "output")),
+                        "path": str(paths.final_dir / art["path"]),
+                        "bytes": artifact_size(paths.final_dir / art["path"]),
+                        "created_at": now,
+                    }
+                    for art in result.get("artifacts", [])
+                ]
+                if rows:
+                    s.execute(_INSERT_ARTIFACT, rows)
+                _finish_attempt_row(s, attempt_id, "succeeded", outcome, None, now)
                 self._record_gate(s, claim, attempt_id, now)
-                self._on_commit(s, group, claim, result, paths, now)
-                fields = {
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "attempt": 0,
-                    "fallback_tier": 0,
-                    "crash_count": 0,
-                }
-                if following is None:
-                    fields["completed_at"] = now
-                else:
-                    fields["stage"] = following.value
-                transition(
-                    s,
-                    group,
-                    State.COMPLETED if following is None else State.PENDING,
-                    now=now,
-                    actor=self.leases.actor,
-                    fencing_token=claim.fencing_token,
-                    set_fields=fields,
-                    message=f"{claim.stage} committed"
-                    + ("; group complete" if following is None else ""),
-                )
+                self._on_commit(s, claim, result, paths, now)
                 s.flush()
             except BaseException:
                 published.undo()
@@ -496,9 +508,7 @@ class StageExecutor:
                 now=now,
                 rng=self.rng,
             )
-            attempt = s.get(StageAttempt, attempt_id)
-            assert attempt is not None
-            _fill_attempt(attempt, "failed", outcome, decision.failure, now)
+            _finish_attempt_row(s, attempt_id, "failed", outcome, decision.failure, now)
             self._record_gate(s, claim, attempt_id, now)
             fields: dict[str, Any] = {
                 "lease_owner": None,
@@ -551,8 +561,9 @@ class StageExecutor:
         if gate is not None:
             metrics.GATE_VERDICTS.labels(claim.stage, gate.verdict).inc()
             metrics.GATE_SCORE.labels(claim.stage).observe(gate.score)
-            s.add(
-                QualityAssessment(
+            s.execute(
+                _INSERT_ASSESSMENT,
+                dict(
                     group_id=claim.group_id,
                     attempt_id=attempt_id,
                     stage=claim.stage,
@@ -560,13 +571,12 @@ class StageExecutor:
                     verdict=gate.verdict,
                     metrics=gate.as_dict()["metrics"],
                     created_at=now,
-                )
+                ),
             )
 
     def _on_commit(
         self,
         s: Any,
-        group: Group,
         claim: Claim,
         result: dict[str, Any],
         paths: AttemptPaths,
@@ -575,7 +585,11 @@ class StageExecutor:
         """Stage-specific rows that must commit with the stage: calibration sets, products."""
         metrics = result.get("metrics", {})
         own_solve = metrics.get("calibration_tier") in (None, "self")
-        if claim.stage == Stage.CALIBRATE and metrics.get("mode") == "solve" and own_solve:
+        solved = claim.stage == Stage.CALIBRATE and metrics.get("mode") == "solve" and own_solve
+        if not solved and claim.stage != Stage.REGISTER:
+            return
+        group = s.get(Group, claim.group_id)
+        if solved:
             tables = {a["kind"]: paths.final_dir / a["path"] for a in result.get("artifacts", [])}
             cal_set = calibration.register_solution(s, group, tables, metrics, self.cfg, now)
             released = calibration.release_waiting(s, cal_set, now, self.leases.actor)
@@ -611,11 +625,8 @@ class StageExecutor:
         message: str | None = None,
     ) -> None:
         with self.db.transaction() as s:
-            attempt = s.get(StageAttempt, attempt_id)
-            if attempt is not None:
-                _fill_attempt(attempt, outcome_name, outcome, failure, self.leases.now(s))
-                if message:
-                    attempt.error_message = message
+            now = self.leases.now(s)
+            _finish_attempt_row(s, attempt_id, outcome_name, outcome, failure, now, message)
 
     def _locked_group(self, s: Any, claim: Claim) -> Group:
         query = select(Group).where(Group.group_id == claim.group_id)
@@ -698,27 +709,37 @@ def publish(staged: Path, final_dir: Path) -> Published:
     return Published(final_dir, staged, previous)
 
 
-def _fill_attempt(
-    attempt: StageAttempt,
+def _finish_attempt_row(
+    s: Any,
+    attempt_id: int,
     outcome_name: str,
     outcome: RunOutcome,
     failure: Failure | None,
     now: datetime,
+    message: str | None = None,
 ) -> None:
-    attempt.outcome = outcome_name
-    attempt.finished_at = now
+    """Record how an attempt ended: one UPDATE of its row."""
+    values: dict[str, Any] = {
+        "outcome": outcome_name,
+        "finished_at": now,
+        "exit_code": outcome.returncode,
+        "peak_rss_bytes": outcome.peak_rss_bytes or None,
+        "result": outcome.result,
+    }
     if outcome.pid:
-        attempt.pid, attempt.pgid = outcome.pid, outcome.pid
-        attempt.proc_start_time = outcome.create_time
-    attempt.exit_code = outcome.returncode
-    attempt.peak_rss_bytes = outcome.peak_rss_bytes or None
-    attempt.result = outcome.result
+        values.update(pid=outcome.pid, pgid=outcome.pid, proc_start_time=outcome.create_time)
     if failure is not None:
-        attempt.error_category = str(failure.category)
-        attempt.error_code = failure.code
-        attempt.error_type = str(failure.details.get("exception_type") or "") or None
-        attempt.error_message = failure.message
-        attempt.hint = failure.hint
+        values.update(
+            error_category=str(failure.category),
+            error_code=failure.code,
+            error_type=str(failure.details.get("exception_type") or "") or None,
+            error_message=failure.message,
+            hint=failure.hint,
+        )
+    if message:
+        values["error_message"] = message
+    stmt = prepared_update(StageAttempt.__table__, ("id",), tuple(sorted(values)))
+    s.execute(stmt, update_params({"id": attempt_id}, values))
 
 
 def _observe(stage: str, outcome: RunOutcome) -> None:

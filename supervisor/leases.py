@@ -10,6 +10,7 @@ the transaction is ``BEGIN IMMEDIATE`` (see :mod:`supervisor.db`).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Collection
@@ -18,14 +19,14 @@ from datetime import UTC, datetime, timedelta
 
 import psutil
 import structlog
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from supervisor import metrics
 from supervisor.db import Database, is_sqlite
 from supervisor.errors import Category, Failure
-from supervisor.models import CLAIMABLE_SQL, Group, StageAttempt, SubbandFile
-from supervisor.states import Actor, State, transition
+from supervisor.models import CLAIMABLE_SQL, Group, StageAttempt, SubbandFile, UTCDateTime
+from supervisor.states import Actor, GroupView, State, move_group, transition
 
 log = structlog.get_logger(__name__)
 
@@ -87,11 +88,22 @@ class Claim:
         return (self.group_id, self.fencing_token)
 
 
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A claimable group as admission sees it."""
+
+    group_id: str
+    stage: str  # the stage it would run
+    input_bytes: int  # its ready UVH5 bytes
+
+
 def database_now(session: Session) -> datetime:
-    """The database server's clock, as aware UTC (leases must not trust node clocks)."""
+    """The database server's clock, as aware UTC (leases must not trust node clocks).
+
+    SQLite has no server: its ``'now'`` is this node's clock, the only one every daemon
+    sharing the file reads (one node), so it is read here without a query."""
     if session.get_bind().dialect.name == "sqlite":
-        raw = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
-        return datetime.fromisoformat(raw).replace(tzinfo=UTC)
+        return datetime.now(UTC)
     value = session.execute(text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar_one()
     return value.replace(tzinfo=UTC)
 
@@ -119,75 +131,63 @@ class Leases:
     def claim_next(
         self,
         stages: Collection[str] | None = None,
-        admit: Callable[[Group, int], list[str]] | None = None,
+        admit: Callable[[Candidate], list[str]] | None = None,
         scan_limit: int = 32,
     ) -> Claim | None:
         """Claim the next runnable group, or return None when there is none.
 
         ``stages``: only groups whose next stage is one of these (slots free). ``admit``:
-        called with a candidate and its UVH5 input bytes, returns why it cannot start now;
-        a refused candidate's stage is passed over for this claim (intake paused) while other
-        stages may still be claimed. Order: calibrator groups first, then observation time.
+        called with a candidate (its next stage and UVH5 input bytes), returns why it cannot
+        start now; a refused candidate's stage is passed over for this claim (intake paused)
+        while other stages may still be claimed. Order: calibrator groups first, then
+        observation time. Core statements, not ORM objects: this runs before every stage.
         """
         with self.db.transaction() as s:
             now = self.now(s)
-            query = (
-                select(Group)
-                .where(
-                    text(CLAIMABLE_SQL),  # the partial index's own term (models.Group)
-                    or_(
-                        Group.state == State.PENDING.value,
-                        and_(Group.state == State.RETRY_WAIT.value, Group.next_attempt_at <= now),
-                    ),
-                )
-                .order_by(Group.priority, Group.obs_start)
-                .limit(scan_limit)
-            )
+            query = _claim_query(stages is not None, is_sqlite(self.db.engine), scan_limit)
+            params: dict[str, object] = {"now": now}
             if stages is not None:
-                query = query.where(Group.stage.in_(list(stages)))
-            if not is_sqlite(self.db.engine):
-                query = query.with_for_update(skip_locked=True)
+                params["stages"] = list(stages)
             refused: set[str] = set()
-            group = None
-            size = 0
-            for candidate in s.scalars(query):
+            chosen = None
+            for row in s.execute(query, params):
+                candidate = Candidate(row.group_id, row.stage or "", int(row.input_bytes or 0))
                 if candidate.stage in refused:
                     continue
-                size = input_bytes(s, candidate.group_id)
-                if admit is not None and admit(candidate, size):
-                    refused.add(candidate.stage or "")
+                if admit is not None and admit(candidate):
+                    refused.add(candidate.stage)
                     continue
-                group = candidate
+                chosen = row
                 break
-            if group is None:
+            if chosen is None:
                 return None
-            token = group.fencing_token + 1
+            token = chosen.fencing_token + 1
             expires = now + self.lease
-            transition(
+            moved = move_group(
                 s,
-                group,
+                GroupView(chosen.group_id, chosen.state, chosen.stage),
                 State.RUNNING,
                 now=now,
                 actor=self.actor,
-                message=f"claimed {group.stage} attempt {group.attempt + 1}",
+                message=f"claimed {chosen.stage} attempt {chosen.attempt + 1}",
                 set_fields={
                     "fencing_token": token,
                     "lease_owner": str(self.owner),
                     "lease_expires_at": expires,
-                    "attempt": group.attempt + 1,
+                    "attempt": chosen.attempt + 1,
                     "next_attempt_at": None,
                 },
             )
             return Claim(
-                group.group_id,
-                group.stage or "",
-                group.attempt,
-                group.fallback_tier,
+                chosen.group_id,
+                moved["stage"] or "",
+                moved["attempt"],
+                moved["fallback_tier"],
                 token,
                 str(self.owner),
-                group.correlation_id,
+                moved["correlation_id"],
                 expires,
-                size,
+                int(chosen.input_bytes or 0),
             )
 
     def heartbeat(self, claim: Claim) -> bool:
@@ -324,6 +324,45 @@ class Leases:
             attempt.outcome = "abandoned"
             attempt.finished_at = now
             attempt.error_message = why
+
+
+@functools.lru_cache(maxsize=8)
+def _claim_query(by_stage: bool, sqlite: bool, scan_limit: int) -> Select:
+    """The claimable groups in claim order, each with its ready UVH5 bytes; built once per
+    shape with bound parameters ``now`` and (``by_stage``) ``stages``."""
+    groups, files = Group.__table__, SubbandFile.__table__  # tables: Core, not ORM, compiling
+    size = (
+        select(func.coalesce(func.sum(files.c.size_bytes), 0))
+        .where(files.c.group_id == groups.c.group_id, files.c.status == "ready")
+        .scalar_subquery()
+    )
+    query = (
+        select(
+            groups.c.group_id,
+            groups.c.state,
+            groups.c.stage,
+            groups.c.attempt,
+            groups.c.fencing_token,
+            size.label("input_bytes"),
+        )
+        .where(
+            text(CLAIMABLE_SQL),  # the partial index's own term (models.Group)
+            or_(
+                groups.c.state == State.PENDING.value,
+                and_(
+                    groups.c.state == State.RETRY_WAIT.value,
+                    groups.c.next_attempt_at <= bindparam("now", type_=UTCDateTime),
+                ),
+            ),
+        )
+        .order_by(groups.c.priority, groups.c.obs_start)
+        .limit(scan_limit)
+    )
+    if by_stage:
+        query = query.where(groups.c.stage.in_(bindparam("stages", expanding=True)))
+    if not sqlite:
+        query = query.with_for_update(skip_locked=True, of=groups)
+    return query
 
 
 def input_bytes(s: Session, group_id: str) -> int:

@@ -193,13 +193,17 @@ def run_worker(
             if not heartbeat():
                 outcome.lease_lost = True
         if outcome.interrupted:
-            terminate(list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV))
+            terminate(
+                list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV), create_time
+            )
             exited.wait(None)
             break
     exited.close()
     outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, exited.max_rss_bytes)
     # Whatever happened, nothing of the attempt may outlive it.
-    outcome.survivors = terminate(list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV))
+    outcome.survivors = terminate(
+        list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV), since=create_time
+    )
     outcome.returncode = proc.returncode
     outcome.duration_s = monotonic() - started
     outcome.stderr_tail = _tail(stderr_path)
@@ -287,15 +291,20 @@ def read_result(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def terminate(
-    members: list[ProcessIdentity], session_id: int, grace_s: float, mark: str | None = None
+    members: list[ProcessIdentity],
+    session_id: int,
+    grace_s: float,
+    mark: str | None = None,
+    since: float = 0.0,
 ) -> list[int]:
     """SIGTERM every live member, the process group ``session_id`` and every process marked
     ``mark``; wait ``grace_s``; SIGKILL the rest. Return the pids still alive afterwards
-    (normally none)."""
+    (normally none). ``since``: when the attempt's first process started (psutil create
+    time; 0: unknown); nothing older can belong to it, so older processes are not examined."""
 
     def everyone() -> list[psutil.Process]:
         found = {p.pid: p for p in _live(members)}
-        found.update((p.pid, p) for p in _session_or_marked(session_id, mark))
+        found.update((p.pid, p) for p in _session_or_marked(session_id, mark, since))
         return list(found.values())
 
     _signal_group(session_id, signal.SIGTERM)
@@ -335,9 +344,10 @@ def kill_leftover(pid: int, create_time: float, grace_s: float, mark: str) -> bo
         members = [ident] + [ProcessIdentity(c.pid, c.create_time()) for c in _safe_children(proc)]
     elif pid <= 0 or psutil.pid_exists(pid):
         session = -1  # never started, or the pid was reused: that session is not ours
-    found = bool(members) or bool(_session_or_marked(session, mark))
+    since = create_time if create_time > 0 else 0.0
+    found = bool(members) or bool(_session_or_marked(session, mark, since))
     if found:
-        terminate(members, session, grace_s, mark)
+        terminate(members, session, grace_s, mark, since)
     return found
 
 
@@ -399,14 +409,18 @@ def _live(members: list[ProcessIdentity]) -> list[psutil.Process]:
     return [p for p in (m.process() for m in members) if p is not None]
 
 
-def _session_or_marked(session_id: int, mark: str | None) -> list[psutil.Process]:
+def _session_or_marked(
+    session_id: int, mark: str | None, since: float = 0.0
+) -> list[psutil.Process]:
     """Live processes in session / process group ``session_id`` or carrying ``mark``,
-    in one pass over the process table (the environment is read only when needed)."""
+    in one pass over the process table (the environment is read only when needed).
+    Processes created before ``since`` (less a second of clock-tick rounding) are passed
+    over unread: psutil caches each process's start time, so only new ones cost a read."""
     out: list[psutil.Process] = []
     me = os.getpid()
     for proc in psutil.process_iter():
         try:
-            if proc.pid == me:
+            if proc.pid == me or proc.create_time() < since - 1.0:
                 continue
             in_session = session_id > 0 and session_id in (
                 os.getsid(proc.pid),

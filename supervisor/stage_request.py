@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from supervisor import calibration
@@ -44,6 +44,25 @@ class AttemptPaths:
         return self.workdir / "casa.log"
 
 
+# Built once, on the tables (Core statements, no ORM compilation): they run for every stage.
+_files, _artifacts, _attempts = SubbandFile.__table__, Artifact.__table__, StageAttempt.__table__
+_READY_FILES = (
+    select(_files.c.subband, _files.c.path)
+    .where(_files.c.group_id == bindparam("group_id"), _files.c.status == "ready")
+    .order_by(_files.c.subband)
+)
+_ARTIFACTS = (
+    select(_artifacts.c.kind, _artifacts.c.path)
+    .where(_artifacts.c.group_id == bindparam("group_id"))
+    .order_by(_artifacts.c.id)
+)
+_SUCCEEDED = (
+    select(_attempts.c.stage, _attempts.c.result)
+    .where(_attempts.c.group_id == bindparam("group_id"), _attempts.c.outcome == "succeeded")
+    .order_by(_attempts.c.id)
+)
+
+
 def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
     return AttemptPaths(
         workdir=cfg.path("logs") / claim.group_id / claim.stage / f"t{claim.fencing_token}",
@@ -63,25 +82,11 @@ def build_request(
     """The request JSON of one attempt (``plan``: the calibrate stage's chosen plan)."""
     group = s.get(Group, claim.group_id)
     assert group is not None
-    files = {
-        f.subband: f.path
-        for f in s.scalars(
-            select(SubbandFile)
-            .where(SubbandFile.group_id == claim.group_id, SubbandFile.status == "ready")
-            .order_by(SubbandFile.subband)
-        )
-    }
-    artifacts = {
-        a.kind: a.path
-        for a in s.scalars(select(Artifact).where(Artifact.group_id == claim.group_id))
-    }
+    key = {"group_id": claim.group_id}
+    files = {subband: path for subband, path in s.execute(_READY_FILES, key)}
+    artifacts = {kind: path for kind, path in s.execute(_ARTIFACTS, key)}
     upstream = {
-        a.stage: (a.result or {}).get("metrics", {})
-        for a in s.scalars(
-            select(StageAttempt)
-            .where(StageAttempt.group_id == claim.group_id, StageAttempt.outcome == "succeeded")
-            .order_by(StageAttempt.id)
-        )
+        stage: (result or {}).get("metrics", {}) for stage, result in s.execute(_SUCCEEDED, key)
     }
     extras: dict[str, Any] = {}
     if plan is not None:

@@ -9,14 +9,16 @@ stale (another process moved the group, or its claim was lost) changes nothing a
 from __future__ import annotations
 
 import enum
+import functools
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import RowMapping, Update, bindparam, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from supervisor.errors import Failure
 from supervisor.models import Group, Transition
@@ -150,7 +152,51 @@ def transition(
     ``expect`` defaults to the group's state as loaded. ``fencing_token``, when given, must
     still match (a worker that lost its claim cannot write). ``set_fields`` are updated in
     the same statement. Raises :class:`IllegalTransition` or :class:`StaleTransition`.
+    The loaded ``group`` then shows the row as it now is.
     """
+    row = move_group(
+        session,
+        GroupView(group.group_id, group.state, group.stage),
+        to,
+        now=now,
+        actor=actor,
+        expect=expect,
+        fencing_token=fencing_token,
+        message=message,
+        failure=failure,
+        set_fields=set_fields,
+    )
+    for key, value in row.items():
+        set_committed_value(group, key, value)
+    return group
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """What a guarded transition needs of a group: its id, and its state and stage as the
+    caller last read them (the defaults of what it expects, and the audit row's "from")."""
+
+    group_id: str
+    state: str
+    stage: str | None
+
+
+def move_group(
+    session: Session,
+    group: GroupView,
+    to: State,
+    *,
+    now: datetime,
+    actor: Actor,
+    expect: State | Iterable[State] | None = None,
+    fencing_token: int | None = None,
+    message: str | None = None,
+    failure: Failure | None = None,
+    set_fields: Mapping[str, Any] | None = None,
+) -> RowMapping:
+    """:func:`transition` without a loaded ORM object: the guarded UPDATE (RETURNING the
+    row as it now is) and the audit INSERT, two statements on the claim/commit hot path.
+    Returns the updated row."""
     expected = _as_states(expect if expect is not None else State(group.state))
     for source in expected:
         if to not in ALLOWED[source]:
@@ -164,41 +210,67 @@ def transition(
         values.update(error_category=None, error_code=None)
     if set_fields:
         values.update(set_fields)
-    stmt = (
-        update(Group)
-        .where(Group.group_id == group.group_id)
-        .where(Group.state.in_([s.value for s in expected]))
-    )
+    returning = bool(session.get_bind().dialect.update_returning)
+    stmt = _move_statement(tuple(sorted(values)), fencing_token is not None, returning)
+    params = {f"v_{k}": v for k, v in values.items()}
+    params.update(m_group_id=group.group_id, m_states=[s.value for s in expected])
     if fencing_token is not None:
-        stmt = stmt.where(Group.fencing_token == fencing_token)
-    result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+        params["m_token"] = fencing_token
+    if returning:
+        rows = session.execute(stmt, params).mappings().all()
+    else:  # an engine without UPDATE ... RETURNING: read the row back
+        moved = session.execute(stmt, params).rowcount  # type: ignore[attr-defined]
+        table = Group.__table__
+        rows = (
+            session.execute(select(table).where(table.c.group_id == group.group_id))
+            .mappings()
+            .all()
+            if moved == 1
+            else []
+        )
+    if len(rows) != 1:
         raise StaleTransition(
             f"group {group.group_id}: expected state {', '.join(expected)}"
             + (f" with fencing token {fencing_token}" if fencing_token is not None else "")
             + f"; not moved to {to}"
         )
-    previous, previous_stage = group.state, group.stage
-    session.refresh(group)
-    session.add(
-        Transition(
+    row = rows[0]
+    session.execute(
+        _INSERT_TRANSITION,
+        dict(
             group_id=group.group_id,
-            from_state=previous if previous in expected else ",".join(expected),
+            from_state=group.state if group.state in expected else ",".join(expected),
             to_state=to.value,
-            stage=previous_stage or group.stage,  # the stage this change concerns
+            stage=group.stage or row["stage"],  # the stage this change concerns
             at=now,
-            attempt=group.attempt,
-            fencing_token=group.fencing_token,
+            attempt=row["attempt"],
+            fencing_token=row["fencing_token"],
             category=str(failure.category) if failure else None,
             code=failure.code if failure else None,
             message=message if message is not None else (failure.message if failure else None),
             hint=failure.hint if failure else None,
             actor=actor.name,
-            correlation_id=group.correlation_id,
-        )
+            correlation_id=row["correlation_id"],
+        ),
     )
-    session.flush()
-    return group
+    return row
+
+
+# Built once (see db.prepared_update): a transition runs twice per stage.
+_INSERT_TRANSITION = insert(Transition.__table__)
+
+
+@functools.lru_cache(maxsize=64)
+def _move_statement(columns: tuple[str, ...], fenced: bool, returning: bool) -> Update:
+    table = Group.__table__
+    stmt = update(table).where(
+        table.c.group_id == bindparam("m_group_id"),
+        table.c.state.in_(bindparam("m_states", expanding=True)),
+    )
+    if fenced:
+        stmt = stmt.where(table.c.fencing_token == bindparam("m_token"))
+    stmt = stmt.values({name: bindparam(f"v_{name}") for name in columns})
+    return stmt.returning(*table.columns) if returning else stmt
 
 
 def _as_states(value: State | Iterable[State]) -> tuple[State, ...]:
