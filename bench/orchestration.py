@@ -1,16 +1,25 @@
 """Benchmark: what orchestration costs, beside the physical floor and Prefect 3.
 
 Prints one line per figure and, last, one JSON object with the keys
-overhead_ms_per_stage, wall_ms_per_stage, worker_ms_per_stage, floor_ms_per_stage,
+overhead_ms_per_stage, wall_ms_per_stage, worker_in_daemon_ms_per_stage,
+overhead_vs_worker_alone_ms_per_stage, daemon_cpu_ms_per_stage, worker_ms_per_stage,
+floor_ms_per_stage,
 prefect_ms_per_stage, cold_start_s, daemon_rss_mb, claim_ms_at_1m_rows,
 status_ms_at_1m_rows (and the parameters). Asserts nothing.
 
 - wall_ms_per_stage: N groups x 5 no-op stages (tests/fake_stage.py, "succeed") through the
   real daemon path (`contimg-supervisor run --until-idle`, SQLite WAL, every transition
   committed), wall time divided by 5N.
+- worker_in_daemon_ms_per_stage: the workers' own wall time in that run, spawn to exit as
+  the daemon saw it (``stage_attempts.worker_seconds``), per stage.
+- overhead_ms_per_stage: wall - worker_in_daemon: the time per stage during which no worker
+  of ours existed (claim, request, commit, the loop's turn), measured in the same run.
 - worker_ms_per_stage: the same worker command spawned directly on a prepared request, N x 5
-  times: the worker's own cost (interpreter, imports, result file).
-- overhead_ms_per_stage: wall - worker: what the daemon adds per stage.
+  times: the worker's own cost (interpreter, imports, result file), and
+  overhead_vs_worker_alone_ms_per_stage = wall - that (the first method; it carries the
+  noise of two separate ~50 ms measurements on a busy 2-core machine).
+- daemon_cpu_ms_per_stage: the daemon process's CPU time (user + system, all threads) from
+  READY=1 to the last commit, per stage: the cost that does not depend on scheduling.
 - floor_ms_per_stage: spawning `python -c pass` plus one fsync'd SQLite commit (WAL,
   synchronous=FULL) per transition (two per stage), measured in the same run
   (shared/reference/orchbench method).
@@ -87,6 +96,8 @@ def daemon_path(workdir: Path, n_groups: int) -> dict[str, float]:
             cold = time.perf_counter() - t0
     sock.settimeout(None)
     threading.Thread(target=_drain, args=(sock,), daemon=True).start()  # as systemd reads
+    daemon = psutil.Process(proc.pid)
+    cpu_ready = daemon.cpu_times()
     # Done when every group is completed; the daemon keeps running (idle) for the RSS.
     url = cfg.database_url.removeprefix("sqlite:///")
     while True:
@@ -97,16 +108,23 @@ def daemon_path(workdir: Path, n_groups: int) -> dict[str, float]:
         if proc.poll() is not None:
             raise RuntimeError(f"daemon exited {proc.returncode}; see {ws}")
         time.sleep(0.05)
+    cpu_done = daemon.cpu_times()
     with sqlite3.connect(url) as conn:
-        first, last = conn.execute(
-            "select min(started_at), max(finished_at) from stage_attempts"
+        first, last, worker_s, n = conn.execute(
+            "select min(started_at), max(finished_at), sum(worker_seconds), count(*) "
+            "from stage_attempts"
         ).fetchone()
     span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
-    rss = psutil.Process(proc.pid).memory_info().rss
+    rss = daemon.memory_info().rss
     proc.terminate()
     proc.wait(timeout=60)
+    stages = 5 * n_groups
+    assert n == stages, f"{n} attempts for {stages} stages"
+    cpu_s = (cpu_done.user + cpu_done.system) - (cpu_ready.user + cpu_ready.system)
     return {
-        "wall_ms_per_stage": 1000 * span / (5 * n_groups),
+        "wall_ms_per_stage": 1000 * span / stages,
+        "worker_in_daemon_ms_per_stage": 1000 * worker_s / stages,
+        "daemon_cpu_ms_per_stage": 1000 * cpu_s / stages,
         "cold_start_s": cold,
         "daemon_rss_mb": rss / 1024**2,
     }
@@ -309,7 +327,9 @@ def main() -> None:
         work = Path(tmp)
         d = daemon_path(work, args.groups)
         print(
-            f"daemon path: {d['wall_ms_per_stage']:.1f} ms/stage wall, cold start "
+            f"daemon path: {d['wall_ms_per_stage']:.1f} ms/stage wall, of which the workers "
+            f"{d['worker_in_daemon_ms_per_stage']:.1f} ms (spawn to exit); daemon CPU "
+            f"{d['daemon_cpu_ms_per_stage']:.1f} ms/stage; cold start "
             f"{d['cold_start_s']:.2f} s, RSS {d['daemon_rss_mb']:.0f} MB",
             flush=True,
         )
@@ -335,7 +355,12 @@ def main() -> None:
         "stages": 5 * args.groups,
         "wall_ms_per_stage": round(d["wall_ms_per_stage"], 2),
         "worker_ms_per_stage": round(worker, 2),
-        "overhead_ms_per_stage": round(d["wall_ms_per_stage"] - worker, 2),
+        "worker_in_daemon_ms_per_stage": round(d["worker_in_daemon_ms_per_stage"], 2),
+        "overhead_ms_per_stage": round(
+            d["wall_ms_per_stage"] - d["worker_in_daemon_ms_per_stage"], 2
+        ),
+        "overhead_vs_worker_alone_ms_per_stage": round(d["wall_ms_per_stage"] - worker, 2),
+        "daemon_cpu_ms_per_stage": round(d["daemon_cpu_ms_per_stage"], 2),
         "floor_ms_per_stage": round(floor_ms, 2),
         "prefect_ms_per_stage": round(prefect_ms, 2) if prefect_ms is not None else None,
         "prefect": prefect_note,

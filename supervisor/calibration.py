@@ -22,6 +22,7 @@ Every product records the tier that calibrated it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -180,8 +181,13 @@ def pending_solver(s: Session, group: Group, cfg: Config) -> Group | None:
     to older or off-transit ones."""
     window = timedelta(hours=cfg.calibration.validity_hours)
     when = group_mid_time(group)
+    # A coarse window on the indexed start time first (a group lasts minutes, not a day),
+    # the exact mid-time test below: a backlog of a night is not loaded for every target.
+    margin = window + timedelta(days=1)
     for other in s.scalars(
         select(Group).where(
+            Group.obs_start >= when - margin,
+            Group.obs_start <= when + margin,
             Group.is_calibrator.is_(True),
             Group.group_id != group.group_id,
             Group.state.in_(
@@ -205,11 +211,12 @@ def _walk(
     """What each tier from ``start`` on offers ``group``: a plan, or why it cannot apply.
     The older and off-transit tiers stand aside while a calibrator group that covers this
     time is still on its way (see :func:`pending_solver`)."""
-    solver = pending_solver(s, group, cfg)
+    solver = functools.cache(lambda: pending_solver(s, group, cfg))  # only if a tier asks
     for index in range(start, len(tiers)):
         source = tier_source(tiers[index])
-        if solver is not None and source in ("last_known_good", "field_calibrator"):
-            reason = f"calibrator group {solver.group_id} covers this time and has not solved yet"
+        pending = solver() if source in ("last_known_good", "field_calibrator") else None
+        if pending is not None:
+            reason = f"calibrator group {pending.group_id} covers this time and has not solved yet"
             yield index, Unavailable(source, reason)
         else:
             yield index, plan_for(s, group, cfg, source)

@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("garbage", "write random bytes as"),
         ("flag", "flag every visibility of"),
         ("nan-vis", "write NaN for every visibility of"),
-        ("nan-some-vis", "write NaN/Inf for 3 % of the visibilities of"),
+        ("nan-some-vis", "write NaN/Inf for 3 %% of the visibilities of"),
         ("nan-uvw", "write non-finite uvw for a tenth of the rows of"),
     ):
         p.add_argument(

@@ -724,6 +724,7 @@ def _finish_attempt_row(
         "finished_at": now,
         "exit_code": outcome.returncode,
         "peak_rss_bytes": outcome.peak_rss_bytes or None,
+        "worker_seconds": outcome.worker_s or None,
         "result": outcome.result,
     }
     if outcome.pid:

@@ -186,6 +186,7 @@ class StageAttempt(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     correlation_id: Mapped[str] = mapped_column(String(36))
     peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)  # worker + descendants
+    worker_seconds: Mapped[float | None] = mapped_column(Float)  # spawn to exit, wall (s)
 
 
 class Transition(Base):

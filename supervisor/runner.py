@@ -75,6 +75,7 @@ class RunOutcome:
     stderr_tail: str = ""
     survivors: list[int] = field(default_factory=list)  # pids that would not die (should be [])
     peak_rss_bytes: int = 0  # the worker and its descendants, sampled while it ran
+    worker_s: float = 0.0  # wall time from just before the spawn to the exit being seen
     pid: int = 0  # the worker (its session and process group have the same id)
     create_time: float = 0.0
 
@@ -198,6 +199,7 @@ def run_worker(
             )
             exited.wait(None)
             break
+    outcome.worker_s = monotonic() - started
     exited.close()
     outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, exited.max_rss_bytes)
     # Whatever happened, nothing of the attempt may outlive it.

@@ -118,3 +118,17 @@ def test_demo_refuses_a_workspace_that_is_not_a_demo_workspace(tmp_path: Path) -
     out = run("--workspace", str(tmp_path), "demo")
     assert out.returncode == 2 and "not a demo workspace" in out.stderr
     assert (tmp_path / "precious.txt").read_text() == "do not delete"
+
+
+def test_every_command_prints_its_help() -> None:
+    """`--help` of each subcommand renders (a bare % in a help string broke `simulate`)."""
+    import argparse
+
+    from supervisor.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(commands.choices) >= 10
+    for name, sub in commands.choices.items():
+        text = sub.format_help()
+        assert name in text and "usage:" in text
