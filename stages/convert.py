@@ -23,6 +23,7 @@ from stages.common import (
     quiet_astropy,
     set_telescope_name,
 )
+from stages.ms_writer import chunked_writer_applies, write_ms_chunked
 from stages.protocol import StageFailure, run
 from stages.subband_reader import read_band
 
@@ -58,7 +59,12 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
     ms_tmp = staging / name
     shutil.rmtree(ms_tmp, ignore_errors=True)
     t1 = time.monotonic()
-    write_ms_in_place(uvd, ms_tmp)
+    if chunked_writer_applies(uvd):
+        write_ms_chunked(uvd, ms_tmp)
+        writer = "chunked"
+    else:
+        write_ms_in_place(uvd, ms_tmp)
+        writer = "pyuvdata"
     timings["write_ms_s"] = time.monotonic() - t1
     # The visibilities go now, not when the collector finds pyuvdata's reference cycles:
     # the worker measured 5.7 GB at full size with them still held while the MS was read.
@@ -93,6 +99,7 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         "dropped_subbands": {sb: d.get("reason") for sb, d in dropped.items()},
         "nonfinite_flagged": nonfinite_flagged,
         "read_by": read_by,
+        "ms_writer": writer,
         **stats.metrics(),
         **{k: round(v, 3) for k, v in timings.items()},
     }
@@ -121,7 +128,8 @@ def _flag_in_memory(uvd: Any, params: dict[str, Any], freqs: np.ndarray) -> _Fla
     }
     hands = flagging.parallel_hands(uvd.polarization_array)
     ant1, ant2 = uvd.ant_1_array, uvd.ant_2_array
-    before = flagging.collapse(uvd.flag_array, hands)
+    cross = ant1 != ant2
+    before = flagging.count_flags(uvd.flag_array, hands, cross)
     verdicts: list[flagging.AntennaVerdict] = []
     if flagger != "none":
         verdicts = flagging.broken_antennas(
@@ -137,9 +145,9 @@ def _flag_in_memory(uvd: Any, params: dict[str, Any], freqs: np.ndarray) -> _Fla
         broken = [v.antenna for v in verdicts]
         if broken:
             uvd.flag_array[np.isin(ant1, broken) | np.isin(ant2, broken)] = True
-    given = flagging.collapse(uvd.flag_array, hands)
-    fractions = flagging.input_and_antenna_fractions(before, given, ant1 != ant2)
-    del before
+    working = flagging.working_cross_rows(ant1, ant2, verdicts)
+    given = flagging.count_flags(uvd.flag_array, hands, working)
+    fractions = flagging.input_and_antenna_fractions(before, given, cross)
     if flagger == "flagdata":
         return _Flagging(flagger, verdicts, names, fractions, None)
     if flagger == "aoflagger":
@@ -152,7 +160,9 @@ def _flag_in_memory(uvd: Any, params: dict[str, Any], freqs: np.ndarray) -> _Fla
             uvd.polarization_array,
             {v.antenna for v in verdicts},
         )
-    after = flagging.collapse(uvd.flag_array, hands) if flagger == "aoflagger" else given
+    after = (
+        flagging.count_flags(uvd.flag_array, hands, working) if flagger == "aoflagger" else given
+    )
     stats = flagging.rfi_statistics(
         flagger, given, after, ant1, ant2, freqs, names, verdicts, fractions
     )
@@ -163,9 +173,15 @@ def _flag_ms_with_flagdata(ms: Path, done: _Flagging, freqs: np.ndarray) -> flag
     """The fallback flagger on the written MS (CASA needs the MS), and the statistics."""
     from casacore.tables import table
 
+    def counts() -> flagging.FlagCounts:
+        with table(str(ms), readonly=True, ack=False) as t:
+            flags = t.getcol("FLAG")  # (rows, chan, pol): every hand of the MS counts
+        return flagging.count_flags(flags, list(range(flags.shape[2])), working)
+
     with table(str(ms), readonly=True, ack=False) as t:
         ant1, ant2 = t.getcol("ANTENNA1"), t.getcol("ANTENNA2")
-        given = t.getcol("FLAG").any(axis=2)
+    working = flagging.working_cross_rows(ant1, ant2, done.verdicts)
+    given = counts()
     try:
         flagging.flag_rfi_flagdata(ms)
     except Exception as exc:  # noqa: BLE001 - CASA raises RuntimeError for anything
@@ -175,8 +191,7 @@ def _flag_ms_with_flagdata(ms: Path, done: _Flagging, freqs: np.ndarray) -> flag
             f"flagdata on {ms}: {str(exc)[:300]}",
             "the next convert tier is tried",
         ) from exc
-    with table(str(ms), readonly=True, ack=False) as t:
-        after = t.getcol("FLAG").any(axis=2)
+    after = counts()
     return flagging.rfi_statistics(
         "flagdata", given, after, ant1, ant2, freqs, done.names, done.verdicts, done.fractions
     )
@@ -199,12 +214,19 @@ def write_ms_in_place(uvd: Any, ms: Path) -> None:
 def _flag_nonfinite(uvd: Any) -> int:
     """Flag (and zero) NaN/Inf visibilities or weights: CASA would carry them into every
     sum. Returns how many samples were flagged (preflight named their files)."""
-    bad = ~np.isfinite(uvd.data_array) | ~np.isfinite(uvd.nsample_array)
-    count = int(np.count_nonzero(bad))
-    if count:
-        uvd.data_array[bad] = 0
-        uvd.nsample_array[bad] = 0
-        uvd.flag_array[bad] = True
+    count = 0
+    step = max(1, (64 * 1024**2) // max(1, uvd.data_array[0].nbytes))  # rows: bounded memory
+    for start in range(0, uvd.Nblts, step):
+        rows = slice(start, start + step)
+        data, nsample = uvd.data_array[rows], uvd.nsample_array[rows]
+        bad = ~np.isfinite(data)
+        bad |= ~np.isfinite(nsample)
+        found = int(np.count_nonzero(bad))
+        if found:
+            count += found
+            data[bad] = 0
+            nsample[bad] = 0
+            uvd.flag_array[rows][bad] = True
     return count
 
 

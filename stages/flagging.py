@@ -264,20 +264,57 @@ def collapse(flags: np.ndarray, hands: list[int]) -> np.ndarray:
     return flags[:, :, hands].any(axis=2)
 
 
+@dataclass(frozen=True)
+class FlagCounts:
+    """Flagged samples counted, not held as a mask (a full-size group's (rows, channels)
+    mask is 86 MB, and the statistics took several): ``per_row`` the flagged channels of
+    each row; ``per_channel`` the flagged rows of each channel among ``rows`` (a row mask)."""
+
+    per_row: np.ndarray  # (rows,) int64
+    per_channel: np.ndarray  # (channels,) int64
+    rows: np.ndarray  # (rows,) bool: the rows per_channel counts
+
+
+def count_flags(
+    flags: np.ndarray, hands: list[int], rows: np.ndarray, chunk_bytes: int = 32 * 1024**2
+) -> FlagCounts:
+    """:class:`FlagCounts` of (rows, chan, pol) ``flags``, a chunk of rows at a time."""
+    n_rows, n_chan = flags.shape[:2]
+    per_row = np.zeros(n_rows, dtype=np.int64)
+    per_channel = np.zeros(n_chan, dtype=np.int64)
+    step = max(1, chunk_bytes // max(1, n_chan * len(hands)))
+    for start in range(0, n_rows, step):
+        stop = min(n_rows, start + step)
+        chunk = collapse(flags[start:stop], hands)
+        per_row[start:stop] = np.count_nonzero(chunk, axis=1)
+        per_channel += np.count_nonzero(chunk[rows[start:stop]], axis=0)
+    return FlagCounts(per_row, per_channel, rows)
+
+
+def working_cross_rows(
+    ant1: np.ndarray, ant2: np.ndarray, verdicts: list[AntennaVerdict]
+) -> np.ndarray:
+    """Cross-correlation rows between antennas not found broken: what the interference
+    flagger works on and its statistics count."""
+    broken = [v.antenna for v in verdicts]
+    return (ant1 != ant2) & ~(np.isin(ant1, broken) | np.isin(ant2, broken))
+
+
 def input_and_antenna_fractions(
-    before: np.ndarray, after_antennas: np.ndarray, cross: np.ndarray
+    before: FlagCounts, after_antennas: FlagCounts, cross: np.ndarray
 ) -> tuple[float, float]:
     """Fractions of cross samples flagged as the files came, and added by antenna flagging
-    (collapsed (rows, chan) flags, the same row order)."""
-    b, m = before[cross], after_antennas[cross]
-    total = max(1, b.size)
-    return float(b.sum() / total), float((m & ~b).sum() / total)
+    (which only adds flags, so the added count is the difference of the counts)."""
+    total = max(1, int(cross.sum()) * before.per_channel.size)
+    flagged_before = int(before.per_row[cross].sum())
+    flagged_after = int(after_antennas.per_row[cross].sum())
+    return flagged_before / total, (flagged_after - flagged_before) / total
 
 
 def rfi_statistics(
     flagger: str,
-    given: np.ndarray,
-    after: np.ndarray,
+    given: FlagCounts,
+    after: FlagCounts,
     ant1: np.ndarray,
     ant2: np.ndarray,
     freqs_hz: np.ndarray,
@@ -285,33 +322,39 @@ def rfi_statistics(
     verdicts: list[AntennaVerdict],
     fractions: tuple[float, float],
 ) -> FlagStatistics:
-    """The statistics of one group from the collapsed (rows, chan) flags as given to the
-    interference flagger and as it left them (the same row order), the antenna verdicts and
-    ``fractions`` (input, antenna) from input_and_antenna_fractions."""
-    cross = ant1 != ant2
-    a1, a2 = ant1[cross], ant2[cross]
-    broken = [v.antenna for v in verdicts]
-    working = ~(np.isin(a1, broken) | np.isin(a2, broken))
-    g, a = given[cross][working], after[cross][working]
-    found = a & ~g
+    """The statistics of one group from the flag counts as given to the interference
+    flagger and as it left them (both counted over :func:`working_cross_rows`; the
+    flagger only adds flags), the antenna verdicts and ``fractions`` (input, antenna)
+    from input_and_antenna_fractions."""
+    working = working_cross_rows(ant1, ant2, verdicts)
+    if not (np.array_equal(given.rows, working) and np.array_equal(after.rows, working)):
+        raise ValueError("rfi_statistics: counts over other rows than the working cross rows")
+    n_chan = freqs_hz.size
+    n_working = int(working.sum())
+    given_total = int(given.per_row[working].sum())
+    found_total = int(after.per_row[working].sum()) - given_total
+    found_per_channel = after.per_channel - given.per_channel
     subband = np.floor((BAND_HIGH_HZ - freqs_hz) / SUBBAND_WIDTH_HZ).astype(int)
     per_subband = {}
     for sb in np.unique(subband):
         chans = subband == sb
+        clean = n_working * int(chans.sum()) - int(given.per_channel[chans].sum())
         per_subband[f"sb{int(sb):02d}"] = round(
-            float(found[:, chans].sum() / max(1, (~g[:, chans]).sum())), 6
+            float(found_per_channel[chans].sum() / max(1, clean)), 6
         )
-    all_after = after[cross]
+    cross = ant1 != ant2
     per_antenna = {}
-    for ant in np.unique(np.concatenate([a1, a2])):
-        rows = (a1 == ant) | (a2 == ant)
-        per_antenna[names.get(int(ant), str(ant))] = round(float(all_after[rows].mean()), 6)
+    for ant in np.unique(np.concatenate([ant1[cross], ant2[cross]])):
+        rows = cross & ((ant1 == ant) | (ant2 == ant))
+        flagged = after.per_row[rows].sum() / max(1, int(rows.sum()) * n_chan)
+        per_antenna[names.get(int(ant), str(ant))] = round(float(flagged), 6)
+    n_cross = int(cross.sum())
     return FlagStatistics(
         flagger=flagger,
         input_fraction=fractions[0],
         antenna_fraction=fractions[1],
-        rfi_fraction=float(found.sum() / max(1, (~g).sum())),
-        total_fraction=float(all_after.mean()) if all_after.size else 0.0,
+        rfi_fraction=float(found_total / max(1, n_working * n_chan - given_total)),
+        total_fraction=float(after.per_row[cross].sum() / (n_cross * n_chan)) if n_cross else 0.0,
         antennas={v.name: f"{v.reason} (power {v.power_ratio:.3g} x median)" for v in verdicts},
         per_subband=per_subband,
         per_antenna=per_antenna,

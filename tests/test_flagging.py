@@ -82,7 +82,8 @@ def test_aoflagger_finds_a_narrow_band_channel_and_a_burst_and_counts_them() -> 
     data[cross, 40, :] += 40.0  # a persistent channel on every baseline
     burst = cross & (times == 7)
     data[burst] += 20.0 * np.exp(2j * np.pi * np.random.default_rng(3).random((burst.sum(), 1, 1)))
-    given = flagging.collapse(flags, [0, 1])
+    given_flags = flags.copy()
+    given = flagging.count_flags(flags, [0, 1], cross)
     flagging.flag_rfi_aoflagger(data, flags, a1, a2, times, XX_YY, set())
     after = flagging.collapse(flags, [0, 1])
     assert after[cross, 40].all() and after[burst].all()
@@ -93,9 +94,17 @@ def test_aoflagger_finds_a_narrow_band_channel_and_a_burst_and_counts_them() -> 
     assert after[clean].mean() < 0.05
     # Statistics: channel 40 lies in one subband; the bursts in every subband.
     freqs = BAND_HIGH_HZ - SUBBAND_WIDTH_HZ * 16 + (np.arange(N_CHAN) + 0.5) * 2.9296875e6
+    counted = flagging.count_flags(flags, [0, 1], cross, chunk_bytes=1000)  # several chunks
+    assert np.array_equal(counted.per_row, after.sum(axis=1))
+    assert np.array_equal(counted.per_channel, after[cross].sum(axis=0))
     stats = flagging.rfi_statistics(
-        "aoflagger", given, after, a1, a2, freqs, NAMES, [], (0.0, 0.0)
+        "aoflagger", given, counted, a1, a2, freqs, NAMES, [], (0.0, 0.0)
     ).metrics()
+    assert stats["rfi_flagged_fraction"] == pytest.approx(
+        (after[cross].sum() - flagging.collapse(given_flags, [0, 1])[cross].sum())
+        / (~flagging.collapse(given_flags, [0, 1])[cross]).sum(),
+        abs=1e-6,  # metrics() rounds to 6 decimals
+    )
     per_sb = stats["rfi_flagged_fraction_per_subband"]
     sb_of_40 = f"sb{int((BAND_HIGH_HZ - freqs[40]) // SUBBAND_WIDTH_HZ):02d}"
     assert len(per_sb) == 16 and max(per_sb, key=per_sb.get) == sb_of_40
