@@ -1,5 +1,6 @@
-"""`make bench`: the orchestration benchmark, then the full-size pipeline benchmark; their
-output passes through, and the last line is one JSON object merging both figures."""
+"""`make bench`: the orchestration benchmark, the full-size pipeline benchmark, then the
+convert worker's memory at full size; their output passes through, and the last line is one
+JSON object merging their figures."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def main() -> None:
     full_args = shlex.split(sys.argv[2]) if len(sys.argv) > 2 else []
     figures = run("orchestration.py", orch_args)
     figures.update(run("full_size.py", full_args))
+    figures.update(run("convert_memory.py", []))
     figures["benchmark"] = "bench"
     print(json.dumps(figures))
 

@@ -531,9 +531,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     for a in info["attempts"]:
         err = a["error"]
         detail = f" {err['category']}/{err['code']}: {err['message']}" if err else ""
+        cost = ""
+        if a["worker_seconds"] is not None:
+            cost += f" {a['worker_seconds']:.1f} s"
+        if a["peak_rss_bytes"]:
+            cost += f" {a['peak_rss_bytes'] / 1e9:.2f} GB"
         print(
             f"  {a['stage']:<9} #{a['attempt']} tier {a['tier']} {a['outcome']:<9} "
-            f"rc={a['exit_code']}{detail}"
+            f"rc={a['exit_code']}{cost}{detail}"
         )
         print(f"      logs: {a['workdir']}")
     for art in info["artifacts"]:

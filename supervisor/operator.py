@@ -103,6 +103,8 @@ def show_group(db: Database, group_id: str) -> dict[str, Any]:
                 "started_at": _iso(a.started_at),
                 "finished_at": _iso(a.finished_at),
                 "exit_code": a.exit_code,
+                "worker_seconds": a.worker_seconds,
+                "peak_rss_bytes": a.peak_rss_bytes,
                 "pid": a.pid,
                 "workdir": a.workdir,
                 "error": None

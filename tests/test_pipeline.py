@@ -90,6 +90,12 @@ def test_happy_path_commits_every_stage_once(pipeline) -> None:  # noqa: ANN001
         arts = s.scalars(select(Artifact).where(Artifact.group_id == GID)).all()
     assert len(arts) == 5 and all(Path(a.path).is_file() and a.bytes > 0 for a in arts)
     assert all(Path(a.workdir, "result.json").exists() for a in attempts(db))
+    # Each row records its worker's own wall time (spawn to exit) and peak memory, and the
+    # attempt (claim to commit) took at least as long as its worker.
+    for a in attempts(db):
+        assert a.worker_seconds is not None and 0 < a.worker_seconds < 20
+        assert a.peak_rss_bytes and a.peak_rss_bytes > 1e6
+        assert (a.finished_at - a.started_at).total_seconds() >= a.worker_seconds - 0.01
     assert not list(Path(cfg.workspace).rglob("casa-*.log"))
     assert_clean(cfg)
 
