@@ -451,6 +451,7 @@ class StageExecutor:
                 _finish_attempt_row(s, attempt_id, "succeeded", outcome, None, now)
                 self._record_gate(s, claim, attempt_id, now)
                 self._on_commit(s, claim, result, paths, now)
+                # Flushed inside the try: an ORM write that fails here undoes the publish.
                 s.flush()
             except BaseException:
                 published.undo()

@@ -364,12 +364,3 @@ def _claim_query(by_stage: bool, sqlite: bool, scan_limit: int) -> Select:
         query = query.with_for_update(skip_locked=True, of=groups)
     return query
 
-
-def input_bytes(s: Session, group_id: str) -> int:
-    """The group's UVH5 input: the bytes of its ready subband files."""
-    total = s.scalar(
-        select(func.coalesce(func.sum(SubbandFile.size_bytes), 0)).where(
-            SubbandFile.group_id == group_id, SubbandFile.status == "ready"
-        )
-    )
-    return int(total or 0)
