@@ -18,6 +18,7 @@ from supervisor.config import Config, load_config
 from supervisor.errors import ConfigError
 
 EXIT_OK, EXIT_DEGRADED, EXIT_USAGE = 0, 1, 2
+EXIT_STALLED = 3  # run --until-idle: work left that admission keeps refusing (disk, memory)
 
 
 class UsageError(Exception):
@@ -263,7 +264,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon, as systemd runs it: JSON log lines on stdout (journald), READY=1 after the
     checks, SIGTERM/SIGINT drain (a second one stops at once), SIGHUP reloads the config.
-    Exit 0 after an orderly stop; a failure to start exits 2 (configuration) or 1."""
+    Exit 0 after an orderly stop; a failure to start exits 2 (configuration) or 1;
+    ``--until-idle`` exits 3 when the work left is refused by admission (daemon.stall_exit_s)."""
     import os
 
     from supervisor.daemon import ConfigSource, Daemon
@@ -316,10 +318,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "reaped": summary.reaped,
                 "leftovers_killed": summary.leftovers_killed,
                 "drained": summary.drained,
+                "stalled": summary.stalled,
             }
         ),
         flush=True,
     )
+    if summary.stalled:
+        reasons = "; ".join(f"{stage}: {', '.join(r)}" for stage, r in summary.stalled.items())
+        print(f"stalled: work remains but cannot start ({reasons})", file=sys.stderr)
+        return EXIT_STALLED
     return EXIT_OK
 
 
@@ -629,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--until-idle",
         action="store_true",
-        help="exit 0 once nothing is runnable, running or waiting to retry",
+        help="exit 0 once nothing is runnable, running or waiting to retry; exit 3 when what"
+        " is left has been refused by admission (disk, memory) for daemon.stall_exit_s",
     )
     p.add_argument("--max-attempts", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(

@@ -206,6 +206,12 @@ class DaemonConfig:
     lease_s: float = _field(120.0, min=5, help="claim lease length, on the database clock")
     heartbeat_s: float = _field(15.0, min=0, exclusive_min=True, help="lease renewal period")
     idle_poll_s: float = _field(2.0, min=0, exclusive_min=True)
+    stall_exit_s: float = _field(
+        60.0,
+        min=0,
+        help="run --until-idle: give up (exit 3) once work remains but admission has refused"
+        " it this long with nothing running (a full disk never frees itself)",
+    )
     term_grace_s: float = _field(10.0, min=0, help="SIGTERM -> SIGKILL grace for workers")
     max_parallel: int = _field(2, min=1, help="stage attempts in flight at once (all stages)")
     drain_budget_s: float = _field(

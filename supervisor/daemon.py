@@ -72,6 +72,9 @@ class RunSummary:
     reaped: list[str] = field(default_factory=list)
     staging_removed: int = 0
     drained: bool = True  # False when running attempts had to be stopped
+    # run --until-idle gave up: work remained, nothing ran, and admission refused it
+    # (stage -> reasons) for daemon.stall_exit_s
+    stalled: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,6 +136,7 @@ class Daemon:
         self._claim_lock = threading.Lock()
         self._reload_requested = False
         self._progress_at = time.monotonic()
+        self._stalled_since: float | None = None  # run --until-idle: admission refusing since
         self._row_written_at = 0.0
         self._state = "starting"
         self._last_status = ""
@@ -244,8 +248,13 @@ class Daemon:
             limit_reached = max_attempts is not None and self.summary.attempts >= max_attempts
             if limit_reached and not self.running:
                 break
-            if until_idle and not claimed and not self.running and not self._work_remains():
-                break
+            if until_idle and not claimed and not self.running:
+                if not self._work_remains():
+                    break
+                if self._stalled():
+                    break
+            else:
+                self._stalled_since = None
             if not claimed:
                 self.wake.wait(self._idle_wait_s())
                 self.wake.clear()
@@ -669,6 +678,24 @@ class Daemon:
                 select(func.count()).select_from(Group).where(Group.state.in_(ACTIVE_STATES))
             )
         return bool(active)
+
+    def _stalled(self) -> bool:
+        """run --until-idle with nothing running and work left: True once admission has
+        refused that work for ``daemon.stall_exit_s`` (nothing will free the disk or memory
+        it waits for, so a batch run says so and stops instead of waiting for ever; the
+        service waits, its health and metrics showing the pause)."""
+        paused = self.admission.paused()
+        if not paused:
+            self._stalled_since = None
+            return False
+        now = time.monotonic()
+        if self._stalled_since is None:
+            self._stalled_since = now
+        if now - self._stalled_since < self.cfg.daemon.stall_exit_s:
+            return False
+        self.summary.stalled = {stage: list(reasons) for stage, reasons in paused.items()}
+        log.error("daemon.stalled", paused=self.summary.stalled)
+        return True
 
     def _idle_wait_s(self) -> float:
         """Sleep until the next retry is due, but at most the idle poll period."""

@@ -63,6 +63,18 @@ _DELETE_ARTIFACTS = delete(Artifact.__table__).where(
     Artifact.__table__.c.group_id == bindparam("group_id"),
     Artifact.__table__.c.stage == bindparam("stage"),
 )
+_EARLIER_ARTIFACTS = select(Artifact.__table__.c.id, Artifact.__table__.c.path).where(
+    Artifact.__table__.c.group_id == bindparam("group_id"),
+    Artifact.__table__.c.stage == bindparam("stage"),
+    Artifact.__table__.c.kind == bindparam("kind"),
+    Artifact.__table__.c.pruned_at.is_(None),
+)
+
+# Stages that write into an earlier stage's committed output, as (stage, artifact kind):
+# calibrate adds MODEL_DATA and CORRECTED_DATA to the convert MS in place (copying a
+# multi-GB MS per attempt is not affordable). Its commit records the MS's new size, or the
+# state check would find every calibrated MS "damaged" and requeue the group from convert.
+WRITES_INTO: dict[str, tuple[str, str]] = {"calibrate": ("convert", "ms")}
 
 
 class StageExecutor:
@@ -449,6 +461,8 @@ class StageExecutor:
                 if rows:
                     s.execute(_INSERT_ARTIFACT, rows)
                 _finish_attempt_row(s, attempt_id, "succeeded", outcome, None, now)
+                if claim.stage in WRITES_INTO:
+                    _record_new_sizes(s, claim.group_id, *WRITES_INTO[claim.stage])
                 self._record_gate(s, claim, attempt_id, now)
                 self._on_commit(s, claim, result, paths, now)
                 # Flushed inside the try: an ORM write that fails here undoes the publish.
@@ -742,6 +756,16 @@ def _finish_attempt_row(
         values["error_message"] = message
     stmt = prepared_update(StageAttempt.__table__, ("id",), tuple(sorted(values)))
     s.execute(stmt, update_params({"id": attempt_id}, values))
+
+
+def _record_new_sizes(s: Any, group_id: str, stage: str, kind: str) -> None:
+    """Record the current size of ``group_id``'s committed ``stage`` outputs of ``kind``
+    (a later stage wrote into them; see WRITES_INTO)."""
+    update = prepared_update(Artifact.__table__, ("id",), ("bytes",))
+    for artifact_id, path in s.execute(
+        _EARLIER_ARTIFACTS, {"group_id": group_id, "stage": stage, "kind": kind}
+    ).all():
+        s.execute(update, update_params({"id": artifact_id}, {"bytes": artifact_size(Path(path))}))
 
 
 def _observe(stage: str, outcome: RunOutcome) -> None:

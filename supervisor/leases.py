@@ -363,4 +363,3 @@ def _claim_query(by_stage: bool, sqlite: bool, scan_limit: int) -> Select:
     if not sqlite:
         query = query.with_for_update(skip_locked=True, of=groups)
     return query
-

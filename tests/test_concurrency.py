@@ -130,6 +130,28 @@ def test_intake_pauses_on_low_disk_and_resumes_by_itself(
     assert daemon.admission.paused() == {}
 
 
+def test_a_batch_run_stops_and_says_why_when_admission_refuses_for_good(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    # run --until-idle with the disk full and nothing running: nothing will free the disk,
+    # so the batch run gives up after daemon.stall_exit_s, naming the reasons; the group
+    # stays pending for the next run (the service itself keeps waiting).
+    cfg = fake_pipeline_config(
+        workspace,
+        settings={"daemon": {"stall_exit_s": 0.5}, "resources": {"monitor_interval_s": 0.2}},
+    )
+    add_pending_group(sqlite_db, GROUPS[0])
+    daemon = Daemon(cfg, sqlite_db, ingest=False, probe=SwitchableProbe(), rng=random.Random(0))
+    started = time.monotonic()
+    summary = daemon.run(until_idle=True)
+    assert 0.5 <= time.monotonic() - started < 30
+    assert list(summary.stalled) == ["preflight"]
+    assert summary.stalled["preflight"][0].startswith("disk: needs")
+    assert summary.attempts == 0 and intervals(sqlite_db) == []
+    with sqlite_db.transaction() as s:
+        assert s.get(Group, GROUPS[0]).state == State.PENDING
+
+
 def test_memory_budget_admits_one_big_worker_at_a_time(
     workspace: Path, sqlite_db: Database
 ) -> None:
