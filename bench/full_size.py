@@ -7,7 +7,8 @@ Asserts nothing.
   groups (sustained under a backlog: the daemon pipelines stages across groups);
 - realtime_factor: 309 s (the cadence) / seconds_per_group;
 - cpu_busy_fraction: 1 - idle share of all CPUs over the run (psutil, sampled each second);
-- per stage: mean wall seconds and the largest worker peak RSS (stage_attempts);
+- per stage: mean wall seconds, the largest worker peak RSS, and the cores its worker kept
+  busy (CPU seconds / wall seconds of the worker) (stage_attempts);
 - image: imager, field (deg), image size, smearing at the edge, calibrator flux ratio,
   rms / theory of each group.
 """
@@ -99,16 +100,21 @@ def run_backlog(
     states = dict(db.execute("select state, count(*) from groups group by state").fetchall())
     rows = db.execute(
         "select stage, outcome, (julianday(finished_at) - julianday(started_at)) * 86400, "
-        "peak_rss_bytes, result from stage_attempts"
+        "peak_rss_bytes, result, worker_seconds, worker_cpu_seconds, group_id, started_at, "
+        "finished_at from stage_attempts order by started_at"
     ).fetchall()
     db.close()
     per_stage: dict[str, dict] = {}
     images = []
-    for stage, outcome, seconds, rss, result in rows:
+    timeline = []
+    for stage, outcome, seconds, rss, result, worker_s, cpu_s, group_id, start, end in rows:
+        timeline.append(f"{start[11:19]}-{end[11:19]} {group_id[11:]} {stage:<9} {outcome}")
         if outcome != "succeeded":
             continue
-        entry = per_stage.setdefault(stage, {"seconds": [], "peak_rss_mb": 0.0})
+        entry = per_stage.setdefault(stage, {"seconds": [], "peak_rss_mb": 0.0, "cores": []})
         entry["seconds"].append(seconds)
+        if worker_s and cpu_s is not None:
+            entry["cores"].append(cpu_s / worker_s)
         entry["peak_rss_mb"] = max(entry["peak_rss_mb"], (rss or 0) / 1024**2)
         if stage == "image":
             m = json.loads(result)["metrics"]
@@ -148,10 +154,13 @@ def run_backlog(
                 "mean_s": round(statistics.fmean(v["seconds"]), 1),
                 "max_s": round(max(v["seconds"]), 1),
                 "peak_rss_mb": round(v["peak_rss_mb"]),
+                # CPU seconds per wall second of the worker: the cores it kept busy
+                "cores": round(statistics.fmean(v["cores"]), 2) if v["cores"] else None,
             }
             for s, v in sorted(per_stage.items(), key=lambda kv: STAGES.index(kv[0]))
         },
         "images": images,
+        "timeline": timeline,
         "workspace": str(ws),
     }
 
@@ -171,8 +180,11 @@ def main() -> None:
     small = None
     if args.small_groups > 0:
         small = run_backlog(work, args.small_groups, 32, 16, args.max_parallel)
+        small.pop("timeline")
         print(f"32 x 16: {json.dumps(small)}", flush=True)
     full = run_backlog(work, args.groups, args.antennas, args.channels, args.max_parallel)
+    for line in full.pop("timeline"):
+        print(f"  {line}")
     print(f"{args.antennas} x {args.channels}: {json.dumps(full)}", flush=True)
     if not args.keep:
         subprocess.run(["rm", "-rf", tmp], check=False)
@@ -183,6 +195,7 @@ def main() -> None:
         "cpu_busy_fraction": full["cpu_busy_fraction"],
         "stage_seconds": {s: v["mean_s"] for s, v in full["stages"].items()},
         "stage_peak_rss_mb": {s: v["peak_rss_mb"] for s, v in full["stages"].items()},
+        "stage_cores": {s: v["cores"] for s, v in full["stages"].items()},
         "image_field_deg": full["images"][0]["field_deg"] if full["images"] else None,
         "imager": full["images"][0]["imager"] if full["images"] else None,
         "seconds_per_group_32x16": small["seconds_per_group"] if small else None,

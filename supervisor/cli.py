@@ -541,6 +541,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         cost = ""
         if a["worker_seconds"] is not None:
             cost += f" {a['worker_seconds']:.1f} s"
+        if a["worker_cpu_seconds"] is not None:
+            cost += f" (CPU {a['worker_cpu_seconds']:.1f} s)"
         if a["peak_rss_bytes"]:
             cost += f" {a['peak_rss_bytes'] / 1e9:.2f} GB"
         print(

@@ -740,6 +740,7 @@ def _finish_attempt_row(
         "exit_code": outcome.returncode,
         "peak_rss_bytes": outcome.peak_rss_bytes or None,
         "worker_seconds": outcome.worker_s or None,
+        "worker_cpu_seconds": outcome.worker_cpu_s or None,
         "result": outcome.result,
     }
     if outcome.pid:

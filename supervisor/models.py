@@ -187,6 +187,8 @@ class StageAttempt(Base):
     correlation_id: Mapped[str] = mapped_column(String(36))
     peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)  # worker + descendants
     worker_seconds: Mapped[float | None] = mapped_column(Float)  # spawn to exit, wall (s)
+    # user + system CPU (s) of the worker and the descendants it waited for (wait4 rusage)
+    worker_cpu_seconds: Mapped[float | None] = mapped_column(Float)
 
 
 class Transition(Base):

@@ -104,6 +104,7 @@ def show_group(db: Database, group_id: str) -> dict[str, Any]:
                 "finished_at": _iso(a.finished_at),
                 "exit_code": a.exit_code,
                 "worker_seconds": a.worker_seconds,
+                "worker_cpu_seconds": a.worker_cpu_seconds,
                 "peak_rss_bytes": a.peak_rss_bytes,
                 "pid": a.pid,
                 "workdir": a.workdir,

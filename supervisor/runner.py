@@ -76,6 +76,7 @@ class RunOutcome:
     survivors: list[int] = field(default_factory=list)  # pids that would not die (should be [])
     peak_rss_bytes: int = 0  # the worker and its descendants, sampled while it ran
     worker_s: float = 0.0  # wall time from just before the spawn to the exit being seen
+    worker_cpu_s: float = 0.0  # user + system CPU of the worker and the children it reaped
     pid: int = 0  # the worker (its session and process group have the same id)
     create_time: float = 0.0
 
@@ -202,6 +203,7 @@ def run_worker(
     outcome.worker_s = monotonic() - started
     exited.close()
     outcome.peak_rss_bytes = max(outcome.peak_rss_bytes, exited.max_rss_bytes)
+    outcome.worker_cpu_s = exited.cpu_s
     # Whatever happened, nothing of the attempt may outlive it.
     outcome.survivors = terminate(
         list(seen.values()), proc.pid, grace_s, env.get(ATTEMPT_MARK_ENV), since=create_time
@@ -217,12 +219,13 @@ class _ExitWatch:
     """Wait for the worker's exit without polling: a pidfd (Linux >= 5.3) becomes readable
     the moment the process ends, so a 40 ms worker is not noticed 50 ms late (Popen.wait's
     timeout loop sleeps up to 50 ms between checks). The worker is then reaped with
-    ``wait4``, which also reports its peak resident memory (ru_maxrss: the worker and the
-    descendants it waited for)."""
+    ``wait4``, which also reports its peak resident memory (ru_maxrss) and CPU time, each
+    of the worker and the descendants it waited for."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         self.max_rss_bytes = 0
+        self.cpu_s = 0.0
         try:
             self.fd: int | None = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):  # old kernel or not Linux: Popen's own wait
@@ -248,6 +251,7 @@ class _ExitWatch:
             return True
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.max_rss_bytes = usage.ru_maxrss * 1024  # kilobytes on Linux
+        self.cpu_s = usage.ru_utime + usage.ru_stime
         return True
 
     def close(self) -> None:

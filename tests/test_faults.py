@@ -70,6 +70,12 @@ def test_a_busy_but_silent_worker_is_not_hung(workspace: Path, sqlite_db: Databa
     add_pending_group(sqlite_db, GID)
     run(cfg, sqlite_db)
     assert [a[:2] for a in attempts(sqlite_db, "convert")] == [("succeeded", None)]
+    # Its row records the CPU it burnt (3 s of spinning), not just its wall time.
+    with sqlite_db.transaction() as s:
+        cpu = s.scalar(
+            select(StageAttempt.worker_cpu_seconds).where(StageAttempt.stage == "convert")
+        )
+    assert cpu is not None and cpu >= 1.0
 
 
 def test_out_of_memory_is_its_own_code_and_takes_the_next_tier(

@@ -94,6 +94,7 @@ def test_happy_path_commits_every_stage_once(pipeline) -> None:  # noqa: ANN001
     # attempt (claim to commit) took at least as long as its worker.
     for a in attempts(db):
         assert a.worker_seconds is not None and 0 < a.worker_seconds < 20
+        assert a.worker_cpu_seconds is not None and 0 < a.worker_cpu_seconds < 20
         assert a.peak_rss_bytes and a.peak_rss_bytes > 1e6
         assert (a.finished_at - a.started_at).total_seconds() >= a.worker_seconds - 0.01
     assert not list(Path(cfg.workspace).rglob("casa-*.log"))
