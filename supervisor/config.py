@@ -225,11 +225,13 @@ class DaemonConfig:
     worker_threads: int = _field(
         0,
         min=0,
-        help="threads per stage worker (OpenMP, wsclean -j); 0: CPUs / max_parallel, so that"
-        " concurrent workers never oversubscribe the node",
+        help="threads per stage worker (OpenMP, wsclean -j); 0: granted when it starts, the"
+        " CPUs the attempts already running leave free (at least CPUs / max_parallel, at most"
+        " the stage's max_threads)",
     )
 
     def threads_per_worker(self) -> int:
+        """The fixed share: worker_threads, else CPUs / max_parallel (at least 1)."""
         if self.worker_threads:
             return self.worker_threads
         return max(1, (os.cpu_count() or 1) // self.max_parallel)
@@ -300,6 +302,9 @@ class StageConfig:
     max_attempts: int = _field(3, min=1, help="attempts per fallback tier (retry budget)")
     tiers: list[StageTier] = field(default_factory=lambda: [StageTier()])
     slots: int = _field(1, min=1, help="attempts of this stage in flight at once")
+    max_threads: int = _field(
+        0, min=0, help="most threads its worker can use (1: single-threaded Python); 0: any"
+    )
     memory_per_input: float = _field(
         1.0, min=0, help="worker peak memory per byte of the group's UVH5 input (estimate)"
     )

@@ -295,10 +295,10 @@ class Daemon:
         return self.admission.check(candidate.stage, candidate.input_bytes)
 
     def _start_attempt(self, claim: Claim) -> None:
-        self.admission.reserve(claim.key, claim.stage, claim.input_bytes)
+        threads = self.admission.reserve(claim.key, claim.stage, claim.input_bytes)
         thread = threading.Thread(
             target=self._attempt,
-            args=(claim,),
+            args=(claim, threads),
             name=f"attempt-{claim.group_id}-{claim.stage}",
             daemon=True,
         )
@@ -309,8 +309,9 @@ class Daemon:
         faults.point("after_claim")
         thread.start()
 
-    def _attempt(self, claim: Claim) -> None:
-        """One attempt, in its own thread; every log line of it carries its identity."""
+    def _attempt(self, claim: Claim, threads: int) -> None:
+        """One attempt, in its own thread (its worker granted ``threads`` CPU threads);
+        every log line of it carries its identity."""
         with structlog.contextvars.bound_contextvars(
             group_id=claim.group_id,
             stage=claim.stage,
@@ -318,7 +319,7 @@ class Daemon:
             correlation_id=claim.correlation_id,
         ):
             try:
-                state = self.executor.execute(claim)
+                state = self.executor.execute(claim, threads=threads)
             except DBAPIError as exc:
                 # The database failed (locked past its timeout, gone): not the group's
                 # fault. The group stays claimed under a token no attempt holds any more;

@@ -99,8 +99,11 @@ class StageExecutor:
         self._gate_results: dict[tuple[str, int], gates.GateResult | None] = {}
 
     # The whole attempt -------------------------------------------------------------------
-    def execute(self, claim: Claim) -> str:
-        """Run ``claim`` to its end; return the group's resulting state (or "lost")."""
+    def execute(self, claim: Claim, *, threads: int | None = None) -> str:
+        """Run ``claim`` to its end; return the group's resulting state (or "lost").
+        ``threads``: the worker's CPU threads (OpenMP, wsclean -j) as admission granted
+        them; by default the fixed share (daemon.threads_per_worker)."""
+        threads = threads or self.cfg.daemon.threads_per_worker()
         bound = log.bind(
             group_id=claim.group_id,
             stage=claim.stage,
@@ -120,7 +123,7 @@ class StageExecutor:
         # that no running attempt owns, and must not catch this one in between. One
         # transaction with the request's reads: one fsync'd commit, not two.
         with self.db.transaction() as s:
-            request = build_request(s, self.cfg, claim, tier, paths, plan)
+            request = build_request(s, self.cfg, claim, tier, paths, plan, threads=threads)
             attempt_id = self._add_attempt_row(s, claim, paths)
         for stale in (paths.workdir, paths.output_dir):
             shutil.rmtree(stale, ignore_errors=True)  # a token is never reused; be safe
@@ -129,7 +132,7 @@ class StageExecutor:
         paths.request.write_text(json.dumps(request, indent=1, default=str))
         site = write_site_config(paths.workdir, paths.casa_log)
         python = self.cfg.casa.python or sys.executable
-        bound.info("stage.started", tier=tier.name, workdir=str(paths.workdir))
+        bound.info("stage.started", tier=tier.name, threads=threads, workdir=str(paths.workdir))
         outcome = run_worker(
             worker_command(python, stage_cfg.module, paths.request),
             cwd=paths.workdir,
@@ -137,7 +140,7 @@ class StageExecutor:
                 casa_environment(site),
                 mark=str(paths.workdir),
                 correlation_id=claim.correlation_id,
-                threads=self.cfg.daemon.threads_per_worker(),
+                threads=threads,
             ),
             result_path=paths.result,
             timeout_s=stage_cfg.timeout_s,

@@ -6,6 +6,10 @@ Estimates scale with the group's UVH5 input (``[stages.X] memory_per_input``,
 ``disk_per_input``, ``memory_floor_mb``); memory is reserved against a budget while an
 attempt runs, so two big workers are never admitted into room for one. Readings come from a
 :class:`Probe` (psutil and ``statvfs``; tests pass their own).
+
+Threads are granted the same way (:meth:`Admission.reserve`): an attempt gets the CPUs the
+attempts already running leave free, so a worker alone (the real-time case, or the last
+group of a backlog) uses every core, and one that starts beside others takes its share.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class Admission:
     probe: Probe = field(default_factory=Probe)
     on_change: Callable[[str, list[str]], None] = lambda stage, reasons: None
     _reserved: dict[tuple[str, int], int] = field(default_factory=dict)  # claim key -> bytes
+    _threads: dict[tuple[str, int], int] = field(default_factory=dict)  # claim key -> threads
+    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     _paused: dict[str, list[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     last: Reading | None = None
@@ -138,9 +144,29 @@ class Admission:
         self._set_paused(stage, reasons)
         return reasons
 
-    def reserve(self, key: tuple[str, int], stage: str, input_bytes: int) -> None:
+    def reserve(self, key: tuple[str, int], stage: str, input_bytes: int) -> int:
+        """Reserve the attempt's memory; return the threads granted to its worker.
+
+        ``daemon.worker_threads`` when set; else the CPUs the running attempts' grants leave
+        free, at least the fixed share (CPUs / max_parallel) and at most the stage's
+        ``max_threads``. A grant is kept for the attempt's life, so a worker that started
+        alone keeps its cores when another starts beside it: the node is then briefly
+        oversubscribed, by at most (max_parallel - 1) x the fixed share (3 threads on 2
+        cores), which costs less than leaving a core idle for a whole image.
+        """
+        daemon = self.cfg.daemon
+        cap = self.cfg.stages[stage].max_threads
         with self._lock:
             self._reserved[key] = estimate(self.cfg, stage, input_bytes).memory_bytes
+            if daemon.worker_threads:
+                threads = daemon.worker_threads
+            else:
+                share = max(1, self.cpus // daemon.max_parallel)
+                threads = max(share, self.cpus - sum(self._threads.values()))
+            if cap:
+                threads = min(threads, cap)
+            self._threads[key] = threads
+        return threads
 
     def reserved_bytes(self) -> int:
         with self._lock:
@@ -149,6 +175,7 @@ class Admission:
     def release(self, key: tuple[str, int]) -> None:
         with self._lock:
             self._reserved.pop(key, None)
+            self._threads.pop(key, None)
 
     def paused(self) -> dict[str, list[str]]:
         with self._lock:

@@ -78,8 +78,11 @@ def build_request(
     tier: StageTier,
     paths: AttemptPaths,
     plan: CalibrationPlan | None = None,
+    *,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """The request JSON of one attempt (``plan``: the calibrate stage's chosen plan)."""
+    """The request JSON of one attempt (``plan``: the calibrate stage's chosen plan;
+    ``threads``: the worker's CPU threads, by default the fixed share)."""
     group = s.get(Group, claim.group_id)
     assert group is not None
     key = {"group_id": claim.group_id}
@@ -120,5 +123,5 @@ def build_request(
         "telescope": dataclasses.asdict(cfg.telescope),
         "calibration": dataclasses.asdict(cfg.calibration),
         "gates": dataclasses.asdict(cfg.gates),
-        "threads": cfg.daemon.threads_per_worker(),
+        "threads": threads or cfg.daemon.threads_per_worker(),
     }

@@ -83,9 +83,11 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
                     fh.write(b"\0" * 1024**2)
                 fh.flush()
                 os.fsync(fh.fileno())
+        # The threads it was granted, as the request and the environment say them.
+        threads = {"threads": request.get("threads"), "omp": os.environ.get("OMP_NUM_THREADS")}
         return {
             "artifacts": [{"path": marker.name, "kind": f"{request['stage']}_output"}],
-            "metrics": _metrics(request, params),
+            "metrics": {**_metrics(request, params), **threads},
         }
     if behaviour == "spin":  # busy (CPU) without output, then success: not hung
         end = time.monotonic() + float(params.get("seconds", 2.0))

@@ -18,7 +18,7 @@ from supervisor.config import Config
 from supervisor.daemon import Daemon
 from supervisor.db import Database
 from supervisor.models import Group, StageAttempt
-from supervisor.resources import Probe, Reading
+from supervisor.resources import Admission, Probe, Reading
 from supervisor.states import Actor, State, transition
 from tests.conftest import add_pending_group, fake_pipeline_config
 from tests.test_pipeline import assert_clean
@@ -150,6 +150,62 @@ def test_a_batch_run_stops_and_says_why_when_admission_refuses_for_good(
     assert summary.attempts == 0 and intervals(sqlite_db) == []
     with sqlite_db.transaction() as s:
         assert s.get(Group, GROUPS[0]).state == State.PENDING
+
+
+def test_threads_are_granted_from_the_cpus_the_running_attempts_leave_free(
+    workspace: Path,
+) -> None:
+    cfg = fake_pipeline_config(
+        workspace,
+        settings={"daemon": {"max_parallel": 2}},
+        convert={"max_threads": 1},
+        image={"max_threads": 0},
+    )
+    admission = Admission(cfg, cpus=2)
+    assert admission.reserve(("a", 1), "image", 0) == 2  # alone: every core
+    assert admission.reserve(("b", 1), "image", 0) == 1  # beside it: the fixed share
+    admission.release(("a", 1))
+    assert admission.reserve(("c", 1), "convert", 0) == 1  # capped by max_threads
+    admission.release(("b", 1))
+    assert admission.reserve(("d", 1), "image", 0) == 1  # the convert holds one of two
+    admission.release(("c", 1))
+    admission.release(("d", 1))
+    assert admission.reserve(("e", 1), "convert", 0) == 1
+    assert admission.reserve(("f", 1), "image", 0) == 1
+    # A bigger node: the first takes all 8, later ones their share of 8 / 4 slots.
+    big = fake_pipeline_config(workspace, settings={"daemon": {"max_parallel": 4}})
+    admission = Admission(big, cpus=8)
+    assert [admission.reserve((str(i), 1), "image", 0) for i in range(3)] == [8, 2, 2]
+    admission.release(("0", 1))
+    assert admission.reserve(("3", 1), "image", 0) == 4
+    # Fixed by configuration: always that many.
+    fixed = fake_pipeline_config(workspace, settings={"daemon": {"worker_threads": 3}})
+    admission = Admission(fixed, cpus=2)
+    assert [admission.reserve((str(i), 1), "image", 0) for i in range(2)] == [3, 3]
+
+
+def test_each_worker_runs_with_the_threads_it_was_granted(
+    workspace: Path, sqlite_db: Database
+) -> None:
+    cfg = fake_pipeline_config(
+        workspace, settings={"daemon": {"max_parallel": 2}}, convert={"max_threads": 1}
+    )
+    add_pending_group(sqlite_db, GROUPS[0])
+    daemon = Daemon(cfg, sqlite_db, ingest=False, rng=random.Random(0))
+    daemon.admission.cpus = 4  # one group: each stage runs alone and gets every "core"
+    daemon.run(until_idle=True)
+    with sqlite_db.transaction() as s:
+        seen = {
+            a.stage: (a.result["metrics"]["threads"], a.result["metrics"]["omp"])
+            for a in s.scalars(select(StageAttempt))
+        }
+    assert seen == {  # the default configuration caps the single-threaded Python stages
+        "preflight": (1, "1"),
+        "convert": (1, "1"),
+        "calibrate": (4, "4"),
+        "image": (4, "4"),
+        "register": (1, "1"),
+    }
 
 
 def test_memory_budget_admits_one_big_worker_at_a_time(
