@@ -10,7 +10,10 @@ Asserts nothing.
 - per stage: mean wall seconds, the largest worker peak RSS, and the cores its worker kept
   busy (CPU seconds / wall seconds of the worker) (stage_attempts);
 - image: imager, field (deg), image size, smearing at the edge, calibrator flux ratio,
-  rms / theory of each group.
+  rms / theory of each group;
+- with ``--latency``: one calibrator group alone (a group arriving every 309 s finds the
+  node idle), wall seconds from the daemon's start to the group's end, with threads granted
+  per attempt (the default) and with one thread per worker.
 """
 
 from __future__ import annotations
@@ -59,9 +62,19 @@ class CpuSampler(threading.Thread):
 
 
 def run_backlog(
-    work: Path, n_groups: int, n_antennas: int, n_channels: int, max_parallel: int
+    work: Path,
+    n_groups: int,
+    n_antennas: int,
+    n_channels: int,
+    max_parallel: int,
+    *,
+    worker_threads: int = 0,
+    name: str = "",
 ) -> dict:
-    ws = work / f"ws-{n_antennas}x{n_channels}"
+    """Simulate ``n_groups`` (the first a 3C48 transit), run them with ``run --until-idle``
+    and read the figures from the state database. ``worker_threads``: 0 grants threads per
+    attempt (the default configuration), N fixes them."""
+    ws = work / (name or f"ws-{n_antennas}x{n_channels}")
     incoming = ws / "incoming"
     incoming.mkdir(parents=True)
     t = time.perf_counter()
@@ -80,6 +93,7 @@ def run_backlog(
     config = ws / "bench.toml"
     config.write_text(
         f'[daemon]\nmax_parallel = {max_parallel}\nlisten = ""\nidle_poll_s = 0.5\n'
+        f"worker_threads = {worker_threads}\n"
         "[ingest]\npoll_interval_s = 1.0\nstability_interval_s = 0.0\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTIMG_", "NOTIFY_"))}
@@ -174,6 +188,12 @@ def main() -> None:
     parser.add_argument("--max-parallel", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the workspaces")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="also one calibrator group alone (the real-time case), with threads granted and"
+        " with one thread per worker",
+    )
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(dir=args.workdir, prefix="contimg-bench-")
     work = Path(tmp)
@@ -182,14 +202,43 @@ def main() -> None:
         small = run_backlog(work, args.small_groups, 32, 16, args.max_parallel)
         small.pop("timeline")
         print(f"32 x 16: {json.dumps(small)}", flush=True)
-    full = run_backlog(work, args.groups, args.antennas, args.channels, args.max_parallel)
-    for line in full.pop("timeline"):
-        print(f"  {line}")
-    print(f"{args.antennas} x {args.channels}: {json.dumps(full)}", flush=True)
+    full = None
+    if args.groups > 0:
+        full = run_backlog(work, args.groups, args.antennas, args.channels, args.max_parallel)
+        for line in full.pop("timeline"):
+            print(f"  {line}")
+        print(f"{args.antennas} x {args.channels}: {json.dumps(full)}", flush=True)
+    alone: dict[str, dict] = {}
+    if args.latency:
+        for label, threads in (("granted", 0), ("one_thread", 1)):
+            one = run_backlog(
+                work,
+                1,
+                args.antennas,
+                args.channels,
+                args.max_parallel,
+                worker_threads=threads,
+                name=f"alone-{label}",
+            )
+            one.pop("timeline")
+            alone[label] = one
+            print(f"one group alone, threads {label}: {json.dumps(one)}", flush=True)
     if not args.keep:
         subprocess.run(["rm", "-rf", tmp], check=False)
-    figures = {
-        "benchmark": "full_size",
+    figures: dict = {"benchmark": "full_size"}
+    if full is not None:
+        figures |= backlog_figures(full, small, args)
+    for label, one in alone.items():
+        figures[f"seconds_one_group_{label}"] = one["wall_s"]
+        figures[f"stage_seconds_one_group_{label}"] = {
+            s: v["mean_s"] for s, v in one["stages"].items()
+        }
+    print(json.dumps(figures))
+
+
+def backlog_figures(full: dict, small: dict | None, args: argparse.Namespace) -> dict:
+    """The backlog's figures for the last JSON line."""
+    return {
         "seconds_per_group_full": full["seconds_per_group"],
         "realtime_factor": full["realtime_factor"],
         "cpu_busy_fraction": full["cpu_busy_fraction"],
@@ -203,7 +252,6 @@ def main() -> None:
         "states_full": full["states"],
         "size": f"{args.antennas}x{args.channels}x16x24",
     }
-    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
