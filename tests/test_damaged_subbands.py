@@ -101,3 +101,41 @@ def test_damaged_subbands_are_dropped_or_flagged_and_named(
         for p in (workspace / "incoming").iterdir()
     }
     assert after == before
+
+
+def _subband_file(path: Path, n_rows: int, nan_rows: slice | None, nan_share: float) -> None:
+    """The datasets screen_subband reads, chunked along the rows as pyuvdata writes them."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    vis = (rng.normal(size=(n_rows, 4, 2)) + 1j).astype(np.complex64)
+    if nan_rows is not None:
+        vis[nan_rows] = np.nan
+    if nan_share:
+        vis[rng.random(vis.shape) < nan_share] = np.nan
+    with h5py.File(path, "w") as fh:
+        fh["Header/uvw_array"] = np.zeros((n_rows, 3))
+        fh.create_dataset("Data/visdata", data=vis, chunks=(min(500, n_rows), 4, 2))
+        fh.create_dataset(
+            "Data/nsamples", data=np.ones(vis.shape, np.float32), chunks=(min(500, n_rows), 4, 2)
+        )
+
+
+def test_the_screen_samples_big_subbands_and_still_sees_mostly_bad_ones(tmp_path: Path) -> None:
+    from stages.preflight import screen_subband
+
+    clean, half, speckled, small = (tmp_path / f"{n}.hdf5" for n in ("c", "h", "s", "m"))
+    _subband_file(clean, 40_000, None, 0.0)
+    _subband_file(half, 40_000, slice(0, 24_000), 0.0)  # 60 % bad, early in time
+    _subband_file(speckled, 40_000, None, 0.02)
+    _subband_file(small, 300, slice(0, 100), 0.0)
+    found = {p.name: screen_subband(str(p)) for p in (clean, half, speckled, small)}
+    # 40,000 rows in blocks of 3 chunks of 500 rows: 8 of 27 blocks, evenly spread, the
+    # last one (1,000 rows) included: 11,500 rows.
+    assert found["c.hdf5"]["screened_fraction"] == pytest.approx(11_500 / 40_000)
+    assert found["c.hdf5"]["nonfinite_vis"] == 0
+    assert 0.5 < found["h.hdf5"]["nonfinite_vis_fraction"] < 0.75  # dropped (> 0.5)
+    assert 0.01 < found["s.hdf5"]["nonfinite_vis_fraction"] < 0.03  # kept, flagged by convert
+    assert found["m.hdf5"]["screened_fraction"] == 1.0  # small: read whole, exact
+    assert found["m.hdf5"]["nonfinite_vis_fraction"] == pytest.approx(1 / 3)
