@@ -18,7 +18,6 @@ from supervisor.config import Config, load_config
 from supervisor.errors import ConfigError
 
 EXIT_OK, EXIT_DEGRADED, EXIT_USAGE = 0, 1, 2
-EXIT_STALLED = 3  # run --until-idle: work left that admission keeps refusing (disk, memory)
 
 
 class UsageError(Exception):
@@ -265,7 +264,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The daemon, as systemd runs it: JSON log lines on stdout (journald), READY=1 after the
     checks, SIGTERM/SIGINT drain (a second one stops at once), SIGHUP reloads the config.
     Exit 0 after an orderly stop; a failure to start exits 2 (configuration) or 1;
-    ``--until-idle`` exits 3 when the work left is refused by admission (daemon.stall_exit_s)."""
+    ``--until-idle`` exits 1 (degraded) when the work left is refused by admission
+    (daemon.stall_exit_s)."""
     import os
 
     from supervisor.daemon import ConfigSource, Daemon
@@ -326,7 +326,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.stalled:
         reasons = "; ".join(f"{stage}: {', '.join(r)}" for stage, r in summary.stalled.items())
         print(f"stalled: work remains but cannot start ({reasons})", file=sys.stderr)
-        return EXIT_STALLED
+        return EXIT_DEGRADED
     return EXIT_OK
 
 
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--until-idle",
         action="store_true",
-        help="exit 0 once nothing is runnable, running or waiting to retry; exit 3 when what"
+        help="exit 0 once nothing is runnable, running or waiting to retry; exit 1 when what"
         " is left has been refused by admission (disk, memory) for daemon.stall_exit_s",
     )
     p.add_argument("--max-attempts", type=int, default=None, help=argparse.SUPPRESS)

@@ -209,7 +209,7 @@ class DaemonConfig:
     stall_exit_s: float = _field(
         60.0,
         min=0,
-        help="run --until-idle: give up (exit 3) once work remains but admission has refused"
+        help="run --until-idle: give up (exit 1) once work remains but admission has refused"
         " it this long with nothing running (a full disk never frees itself)",
     )
     term_grace_s: float = _field(10.0, min=0, help="SIGTERM -> SIGKILL grace for workers")

@@ -132,3 +132,24 @@ def test_every_command_prints_its_help() -> None:
     for name, sub in commands.choices.items():
         text = sub.format_help()
         assert name in text and "usage:" in text
+
+
+def test_a_batch_run_on_a_full_disk_exits_1_naming_the_reason(tmp_path: Path) -> None:
+    # Nothing will free the disk: run --until-idle says so and stops (exit 1, "degraded")
+    # instead of waiting for ever, and the group stays pending for the next run.
+    ws = tmp_path / "W"
+    assert run("--workspace", str(ws), "simulate", str(ws / "incoming")).returncode == 0
+    assert run("--workspace", str(ws), "db", "upgrade").returncode == 0
+    full_disk = {
+        "CONTIMG_RESOURCES__MIN_FREE_DISK_GB": "1000000",
+        "CONTIMG_DAEMON__STALL_EXIT_S": "0.5",
+        "CONTIMG_DAEMON__IDLE_POLL_S": "0.2",
+        "CONTIMG_INGEST__STABILITY_INTERVAL_S": "0",
+    }
+    done = run("--workspace", str(ws), "run", "--until-idle", "--listen", "", env=full_disk)
+    assert done.returncode == 1, done.stderr
+    assert "stalled: work remains but cannot start (preflight: disk: needs" in done.stderr
+    finished = json.loads(done.stdout.strip().splitlines()[-1])
+    assert finished["attempts"] == 0 and "preflight" in finished["stalled"]
+    status = json.loads(run("--workspace", str(ws), "status", "--json").stdout)
+    assert {k: v for k, v in status["states"].items() if v} == {"pending": 1}
