@@ -230,11 +230,12 @@ class DaemonConfig:
         " the stage's max_threads)",
     )
 
-    def threads_per_worker(self) -> int:
-        """The fixed share: worker_threads, else CPUs / max_parallel (at least 1)."""
+    def threads_per_worker(self, cpus: int | None = None) -> int:
+        """The fixed share: worker_threads, else ``cpus`` (the node's by default) /
+        max_parallel, at least 1."""
         if self.worker_threads:
             return self.worker_threads
-        return max(1, (os.cpu_count() or 1) // self.max_parallel)
+        return max(1, (cpus or os.cpu_count() or 1) // self.max_parallel)
 
 
 @dataclass(frozen=True)

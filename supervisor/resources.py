@@ -158,11 +158,9 @@ class Admission:
         cap = self.cfg.stages[stage].max_threads
         with self._lock:
             self._reserved[key] = estimate(self.cfg, stage, input_bytes).memory_bytes
-            if daemon.worker_threads:
-                threads = daemon.worker_threads
-            else:
-                share = max(1, self.cpus // daemon.max_parallel)
-                threads = max(share, self.cpus - sum(self._threads.values()))
+            threads = daemon.threads_per_worker(self.cpus)
+            if not daemon.worker_threads:  # granted: what the running attempts leave free
+                threads = max(threads, self.cpus - sum(self._threads.values()))
             if cap:
                 threads = min(threads, cap)
             self._threads[key] = threads

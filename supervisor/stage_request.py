@@ -77,12 +77,12 @@ def build_request(
     claim: Claim,
     tier: StageTier,
     paths: AttemptPaths,
-    plan: CalibrationPlan | None = None,
+    plan: CalibrationPlan | None,
     *,
-    threads: int | None = None,
+    threads: int,
 ) -> dict[str, Any]:
     """The request JSON of one attempt (``plan``: the calibrate stage's chosen plan;
-    ``threads``: the worker's CPU threads, by default the fixed share)."""
+    ``threads``: the CPU threads its worker was granted)."""
     group = s.get(Group, claim.group_id)
     assert group is not None
     key = {"group_id": claim.group_id}
@@ -123,5 +123,5 @@ def build_request(
         "telescope": dataclasses.asdict(cfg.telescope),
         "calibration": dataclasses.asdict(cfg.calibration),
         "gates": dataclasses.asdict(cfg.gates),
-        "threads": threads or cfg.daemon.threads_per_worker(),
+        "threads": threads,
     }
