@@ -29,8 +29,10 @@ logfile = {logfile!r}
 def write_site_config(run_dir: Path, logfile: Path | None = None) -> Path:
     """Write ``run_dir/casasiteconfig.py`` with CASA's log at ``logfile`` (absolute)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = (logfile or run_dir / "casa.log").resolve()
-    path = run_dir.resolve() / SITE_CONFIG_NAME
+    # absolute(), not resolve(): CASA needs absolute paths, not symlink-free ones, and
+    # resolving reads every component of both paths once per attempt.
+    log_path = (logfile or run_dir / "casa.log").absolute()
+    path = run_dir.absolute() / SITE_CONFIG_NAME
     tmp = path.with_suffix(".tmp")
     tmp.write_text(_TEMPLATE.format(logfile=str(log_path)))
     os.replace(tmp, path)
@@ -40,7 +42,7 @@ def write_site_config(run_dir: Path, logfile: Path | None = None) -> Path:
 def casa_environment(site_config: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a CASA subprocess: ``CASASITECONFIG`` set, output unbuffered."""
     env = dict(os.environ if base is None else base)
-    env["CASASITECONFIG"] = str(site_config.resolve())
+    env["CASASITECONFIG"] = str(site_config.absolute())
     env.setdefault("OMP_NUM_THREADS", "2")
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import Connection, bindparam, delete, insert, select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from supervisor import calibration, faults, gates, metrics, registry
 from supervisor.calibration import CalibrationPlan
@@ -122,14 +123,15 @@ class StageExecutor:
         # The attempt row first: another node's start-up cleanup deletes staging areas
         # that no running attempt owns, and must not catch this one in between. One
         # transaction with the request's reads: one fsync'd commit, not two.
-        with self.db.transaction() as s:
+        with self.db.core() as s:
             request = build_request(s, self.cfg, claim, tier, paths, plan, threads=threads)
             attempt_id = self._add_attempt_row(s, claim, paths)
         for stale in (paths.workdir, paths.output_dir):
             shutil.rmtree(stale, ignore_errors=True)  # a token is never reused; be safe
         paths.workdir.mkdir(parents=True)
         paths.output_dir.mkdir(parents=True)
-        paths.request.write_text(json.dumps(request, indent=1, default=str))
+        # Compact: the indented form takes json's pure-Python encoder (~0.3 ms a request).
+        paths.request.write_text(json.dumps(request, default=str))
         site = write_site_config(paths.workdir, paths.casa_log)
         python = self.cfg.casa.python or sys.executable
         bound.info("stage.started", tier=tier.name, threads=threads, workdir=str(paths.workdir))
@@ -426,7 +428,7 @@ class StageExecutor:
             "fallback_tier": 0,
             "crash_count": 0,
         }
-        with self.db.transaction() as s:
+        with self.db.core() as s:
             now = self.leases.now(s)
             if following is None:
                 fields["completed_at"] = now
@@ -468,8 +470,6 @@ class StageExecutor:
                     _record_new_sizes(s, claim.group_id, *WRITES_INTO[claim.stage])
                 self._record_gate(s, claim, attempt_id, now)
                 self._on_commit(s, claim, result, paths, now)
-                # Flushed inside the try: an ORM write that fails here undoes the publish.
-                s.flush()
             except BaseException:
                 published.undo()
                 raise
@@ -594,23 +594,28 @@ class StageExecutor:
 
     def _on_commit(
         self,
-        s: Any,
+        conn: Connection,
         claim: Claim,
         result: dict[str, Any],
         paths: AttemptPaths,
         now: datetime,
     ) -> None:
-        """Stage-specific rows that must commit with the stage: calibration sets, products."""
+        """Stage-specific rows that must commit with the stage: products (Core) and
+        calibration sets (ORM objects, in a session that joins the transaction on ``conn``)."""
         metrics = result.get("metrics", {})
         own_solve = metrics.get("calibration_tier") in (None, "self")
         solved = claim.stage == Stage.CALIBRATE and metrics.get("mode") == "solve" and own_solve
-        if not solved and claim.stage != Stage.REGISTER:
+        if claim.stage == Stage.REGISTER:
+            registry.register_products(conn, claim.group_id, now)
+        if not solved:
             return
-        group = s.get(Group, claim.group_id)
-        if solved:
+        with Session(bind=conn) as s:  # joins the commit's transaction
+            group = s.get(Group, claim.group_id)
             tables = {a["kind"]: paths.final_dir / a["path"] for a in result.get("artifacts", [])}
             cal_set = calibration.register_solution(s, group, tables, metrics, self.cfg, now)
             released = calibration.release_waiting(s, cal_set, now, self.leases.actor)
+            # Flushed here, inside the caller's try: an ORM write that fails undoes the publish.
+            s.flush()
             log.info(
                 "calibration.registered",
                 set_id=cal_set.id,
@@ -618,8 +623,6 @@ class StageExecutor:
                 calibrator=cal_set.calibrator,
                 released=released,
             )
-        if claim.stage == Stage.REGISTER:
-            registry.register_products(s, group, now)
 
     def _release_for_shutdown(
         self, claim: Claim, attempt_id: int, outcome: RunOutcome, bound: Any

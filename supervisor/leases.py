@@ -19,11 +19,11 @@ from datetime import UTC, datetime, timedelta
 
 import psutil
 import structlog
-from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import Connection, Select, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from supervisor import metrics
-from supervisor.db import Database, is_sqlite
+from supervisor.db import Database, dialect_of, is_sqlite
 from supervisor.errors import Category, Failure
 from supervisor.models import CLAIMABLE_SQL, Group, StageAttempt, SubbandFile, UTCDateTime
 from supervisor.states import Actor, GroupView, State, move_group, transition
@@ -97,12 +97,12 @@ class Candidate:
     input_bytes: int  # its ready UVH5 bytes
 
 
-def database_now(session: Session) -> datetime:
+def database_now(session: Session | Connection) -> datetime:
     """The database server's clock, as aware UTC (leases must not trust node clocks).
 
     SQLite has no server: its ``'now'`` is this node's clock, the only one every daemon
     sharing the file reads (one node), so it is read here without a query."""
-    if session.get_bind().dialect.name == "sqlite":
+    if dialect_of(session).name == "sqlite":
         return datetime.now(UTC)
     value = session.execute(text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")).scalar_one()
     return value.replace(tzinfo=UTC)
@@ -125,7 +125,7 @@ class Leases:
         self.lease = timedelta(seconds=lease_s)
         self._clock = clock
 
-    def now(self, session: Session) -> datetime:
+    def now(self, session: Session | Connection) -> datetime:
         return self._clock() if self._clock is not None else database_now(session)
 
     def claim_next(
@@ -142,12 +142,16 @@ class Leases:
         while other stages may still be claimed. Order: calibrator groups first, then
         observation time. Core statements, not ORM objects: this runs before every stage.
         """
-        with self.db.transaction() as s:
+        with self.db.core() as s:
             now = self.now(s)
-            query = _claim_query(stages is not None, is_sqlite(self.db.engine), scan_limit)
+            wanted = None if stages is None else sorted(stages)
+            if wanted == []:
+                return None  # no slot open for any stage
+            query = _claim_query(
+                None if wanted is None else len(wanted), is_sqlite(self.db.engine), scan_limit
+            )
             params: dict[str, object] = {"now": now}
-            if stages is not None:
-                params["stages"] = list(stages)
+            params.update({f"stage{i}": name for i, name in enumerate(wanted or ())})
             refused: set[str] = set()
             chosen = None
             for row in s.execute(query, params):
@@ -326,10 +330,11 @@ class Leases:
             attempt.error_message = why
 
 
-@functools.lru_cache(maxsize=8)
-def _claim_query(by_stage: bool, sqlite: bool, scan_limit: int) -> Select:
+@functools.lru_cache(maxsize=32)
+def _claim_query(n_stages: int | None, sqlite: bool, scan_limit: int) -> Select:
     """The claimable groups in claim order, each with its ready UVH5 bytes; built once per
-    shape with bound parameters ``now`` and (``by_stage``) ``stages``."""
+    shape with bound parameters ``now`` and (``n_stages``: only these next stages)
+    ``stage0`` … (plain parameters: an expanding IN list is re-rendered at every claim)."""
     groups, files = Group.__table__, SubbandFile.__table__  # tables: Core, not ORM, compiling
     size = (
         select(func.coalesce(func.sum(files.c.size_bytes), 0))
@@ -358,8 +363,8 @@ def _claim_query(by_stage: bool, sqlite: bool, scan_limit: int) -> Select:
         .order_by(groups.c.priority, groups.c.obs_start)
         .limit(scan_limit)
     )
-    if by_stage:
-        query = query.where(groups.c.stage.in_(bindparam("stages", expanding=True)))
+    if n_stages is not None:
+        query = query.where(groups.c.stage.in_([bindparam(f"stage{i}") for i in range(n_stages)]))
     if not sqlite:
         query = query.with_for_update(skip_locked=True, of=groups)
     return query

@@ -166,7 +166,10 @@ def run_worker(
     next_beat = started + heartbeat_s
     poll_s = min(0.2, heartbeat_s)
     watched = (cwd / "worker.stdout", stderr_path, *watch_files)
-    activity = _activity(proc.pid, seen, watched)
+    # No reading before the first poll: most workers of a backlog's light stages end
+    # within it. The first reading then counts as activity, so the stall clock starts
+    # at most one poll (0.2 s) late.
+    activity: tuple[float, tuple[int, ...]] | None = None
     active_at = started
     exited = _ExitWatch(proc)
     polls = 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from supervisor import calibration
@@ -45,7 +45,16 @@ class AttemptPaths:
 
 
 # Built once, on the tables (Core statements, no ORM compilation): they run for every stage.
+_groups = Group.__table__
 _files, _artifacts, _attempts = SubbandFile.__table__, Artifact.__table__, StageAttempt.__table__
+# What a request needs of the group (and what calibration's helpers read of it).
+_GROUP = select(
+    _groups.c.obs_start,
+    _groups.c.obs_duration_s,
+    _groups.c.pointing_dec_deg,
+    _groups.c.calibrator_name,
+    _groups.c.is_calibrator,
+).where(_groups.c.group_id == bindparam("group_id"))
 _READY_FILES = (
     select(_files.c.subband, _files.c.path)
     .where(_files.c.group_id == bindparam("group_id"), _files.c.status == "ready")
@@ -72,7 +81,7 @@ def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
 
 
 def build_request(
-    s: Session,
+    s: Session | Connection,
     cfg: Config,
     claim: Claim,
     tier: StageTier,
@@ -83,9 +92,8 @@ def build_request(
 ) -> dict[str, Any]:
     """The request JSON of one attempt (``plan``: the calibrate stage's chosen plan;
     ``threads``: the CPU threads its worker was granted)."""
-    group = s.get(Group, claim.group_id)
-    assert group is not None
     key = {"group_id": claim.group_id}
+    group = s.execute(_GROUP, key).one()
     files = {subband: path for subband, path in s.execute(_READY_FILES, key)}
     artifacts = {kind: path for kind, path in s.execute(_ARTIFACTS, key)}
     upstream = {

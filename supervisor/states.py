@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, Update, bindparam, insert, select, update
+from sqlalchemy import Connection, RowMapping, Update, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from supervisor.db import dialect_of
 from supervisor.errors import Failure
 from supervisor.models import Group, Transition
 
@@ -165,6 +166,7 @@ def transition(
         message=message,
         failure=failure,
         set_fields=set_fields,
+        whole_row=True,
     )
     for key, value in row.items():
         set_committed_value(group, key, value)
@@ -181,8 +183,13 @@ class GroupView:
     stage: str | None
 
 
+# What a transition's caller and its audit row need of the moved row (RETURNING these, not
+# the whole row: every returned column costs its type conversion on the hot path).
+MOVED_COLUMNS = ("stage", "attempt", "fallback_tier", "fencing_token", "correlation_id")
+
+
 def move_group(
-    session: Session,
+    session: Session | Connection,
     group: GroupView,
     to: State,
     *,
@@ -193,10 +200,12 @@ def move_group(
     message: str | None = None,
     failure: Failure | None = None,
     set_fields: Mapping[str, Any] | None = None,
+    whole_row: bool = False,
 ) -> RowMapping:
     """:func:`transition` without a loaded ORM object: the guarded UPDATE (RETURNING the
-    row as it now is) and the audit INSERT, two statements on the claim/commit hot path.
-    Returns the updated row."""
+    row as it now is) and the audit INSERT, two statements on the claim/commit hot path,
+    in an ORM session or on a Core connection. Returns the updated row: its
+    :data:`MOVED_COLUMNS`, or (``whole_row``) every column."""
     expected = _as_states(expect if expect is not None else State(group.state))
     for source in expected:
         if to not in ALLOWED[source]:
@@ -210,10 +219,13 @@ def move_group(
         values.update(error_category=None, error_code=None)
     if set_fields:
         values.update(set_fields)
-    returning = bool(session.get_bind().dialect.update_returning)
-    stmt = _move_statement(tuple(sorted(values)), fencing_token is not None, returning)
+    returning = bool(dialect_of(session).update_returning)
+    stmt = _move_statement(
+        tuple(sorted(values)), len(expected), fencing_token is not None, returning, whole_row
+    )
     params = {f"v_{k}": v for k, v in values.items()}
-    params.update(m_group_id=group.group_id, m_states=[s.value for s in expected])
+    params.update({f"m_state{i}": state.value for i, state in enumerate(expected)})
+    params["m_group_id"] = group.group_id
     if fencing_token is not None:
         params["m_token"] = fencing_token
     if returning:
@@ -221,8 +233,9 @@ def move_group(
     else:  # an engine without UPDATE ... RETURNING: read the row back
         moved = session.execute(stmt, params).rowcount  # type: ignore[attr-defined]
         table = Group.__table__
+        wanted = table.columns if whole_row else [table.c[n] for n in MOVED_COLUMNS]
         rows = (
-            session.execute(select(table).where(table.c.group_id == group.group_id))
+            session.execute(select(*wanted).where(table.c.group_id == group.group_id))
             .mappings()
             .all()
             if moved == 1
@@ -260,17 +273,27 @@ def move_group(
 _INSERT_TRANSITION = insert(Transition.__table__)
 
 
-@functools.lru_cache(maxsize=64)
-def _move_statement(columns: tuple[str, ...], fenced: bool, returning: bool) -> Update:
+@functools.lru_cache(maxsize=128)
+def _move_statement(
+    columns: tuple[str, ...], n_states: int, fenced: bool, returning: bool, whole_row: bool
+) -> Update:
+    """The guarded UPDATE, built once per shape. The expected states are ``n_states``
+    plain parameters ``m_state<i>`` (an expanding IN list would be re-rendered into new
+    SQL at every execution)."""
     table = Group.__table__
+    states = [bindparam(f"m_state{i}") for i in range(n_states)]
     stmt = update(table).where(
         table.c.group_id == bindparam("m_group_id"),
-        table.c.state.in_(bindparam("m_states", expanding=True)),
+        table.c.state == states[0] if n_states == 1 else table.c.state.in_(states),
     )
     if fenced:
         stmt = stmt.where(table.c.fencing_token == bindparam("m_token"))
     stmt = stmt.values({name: bindparam(f"v_{name}") for name in columns})
-    return stmt.returning(*table.columns) if returning else stmt
+    if not returning:
+        return stmt
+    if whole_row:
+        return stmt.returning(*table.columns)
+    return stmt.returning(*(table.c[name] for name in MOVED_COLUMNS))
 
 
 def _as_states(value: State | Iterable[State]) -> tuple[State, ...]:
