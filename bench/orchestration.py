@@ -5,7 +5,8 @@ overhead_ms_per_stage, wall_ms_per_stage, worker_in_daemon_ms_per_stage,
 overhead_vs_worker_alone_ms_per_stage, daemon_cpu_ms_per_stage, worker_ms_per_stage,
 floor_ms_per_stage,
 prefect_ms_per_stage, cold_start_s, daemon_rss_mb, claim_ms_at_1m_rows,
-status_ms_at_1m_rows (and the parameters). Asserts nothing.
+status_ms_at_1m_rows, claim_ms_hot, claim_ms_after_idle, raw_claim_ms_hot,
+raw_claim_ms_after_idle (and the parameters). Asserts nothing.
 
 - wall_ms_per_stage: N groups x 5 no-op stages (tests/fake_stage.py, "succeed") through the
   real daemon path (`contimg-supervisor run --until-idle`, SQLite WAL, every transition
@@ -30,6 +31,12 @@ status_ms_at_1m_rows (and the parameters). Asserts nothing.
 - daemon_rss_mb: the daemon's resident memory after draining the N groups.
 - claim_ms_at_1m_rows / status_ms_at_1m_rows: one claim, and one `status` snapshot, with
   1,000,000 completed groups in the database (median of repeats).
+- claim_ms_hot / claim_ms_after_idle: the same claim (Leases.claim_next, a few hundred
+  groups) run back to back, and run after 50 ms of sleep, as the daemon's claim runs after
+  waiting on a worker (medians). raw_claim_ms_after_idle: that claim's statements (BEGIN
+  IMMEDIATE, the claim SELECT, the guarded UPDATE ... RETURNING, the audit INSERT, COMMIT)
+  through the sqlite3 module alone (raw_claim_ms_hot: back to back): what the claim would
+  cost with no SQLAlchemy at all.
 """
 
 from __future__ import annotations
@@ -314,6 +321,82 @@ def at_one_million(workdir: Path, rows: int, repeats: int) -> dict[str, float]:
     }
 
 
+RAW_CLAIM = """
+SELECT g.group_id, g.state, g.attempt, g.fencing_token,
+       (SELECT coalesce(sum(f.size_bytes), 0) FROM subband_files f
+         WHERE f.group_id = g.group_id AND f.status = 'ready') AS input_bytes
+  FROM groups g
+ WHERE g.state IN ('pending', 'retry_wait')
+   AND (g.state = 'pending' OR g.next_attempt_at <= ?)
+ ORDER BY g.priority, g.obs_start
+ LIMIT 32
+"""
+RAW_MOVE = """
+UPDATE groups SET state = 'running', updated_at = ?, state_reason = 'claimed',
+       fencing_token = ?, lease_owner = 'bench', lease_expires_at = ?, attempt = ?,
+       next_attempt_at = NULL
+ WHERE group_id = ? AND state = ? AND fencing_token = ?
+RETURNING stage, attempt, fallback_tier, fencing_token, correlation_id
+"""
+RAW_AUDIT = """
+INSERT INTO transitions (group_id, from_state, to_state, stage, at, attempt, fencing_token,
+                         actor, correlation_id, message)
+VALUES (?, ?, 'running', ?, ?, ?, ?, 'bench', ?, 'claimed')
+"""
+
+
+def idle_penalty(workdir: Path, n: int, idle_s: float = 0.05) -> dict[str, float]:
+    """One claim hot (back to back) and after ``idle_s`` of sleep; medians in ms."""
+    from supervisor.leases import Leases, Owner
+
+    ws = workdir / "idle"
+    (ws / "incoming").mkdir(parents=True)
+    cfg = fake_pipeline_config(ws)
+    db = Database(cfg.database_url)
+    migrate.upgrade(db)
+    for gid in _group_ids(4 * n + 10, datetime(2025, 10, 6, tzinfo=UTC)):
+        add_pending_group(db, gid)
+    leases = Leases(db, Owner.this_process("bench"), lease_s=120.0)
+
+    def timed_claim() -> float:
+        t = time.perf_counter()
+        assert leases.claim_next() is not None
+        return 1000 * (time.perf_counter() - t)
+
+    for _ in range(10):
+        timed_claim()  # warm: statements compiled, connections open
+    hot = [timed_claim() for _ in range(n)]
+    idle = []
+    for _ in range(n):
+        time.sleep(idle_s)
+        idle.append(timed_claim())
+    db.dispose()
+    conn = sqlite3.connect(cfg.database_url.removeprefix("sqlite:///"), isolation_level=None)
+    conn.execute("pragma synchronous=full")
+    conn.execute("pragma foreign_keys=on")
+    raw_hot, raw = [], []
+    for i in range(2 * n):
+        if i >= n:
+            time.sleep(idle_s)
+        t = time.perf_counter()
+        now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+        conn.execute("BEGIN IMMEDIATE")
+        gid, state, attempt, token, _bytes = conn.execute(RAW_CLAIM, (now,)).fetchone()
+        stage, attempt, _tier, token, corr = conn.execute(
+            RAW_MOVE, (now, token + 1, now, attempt + 1, gid, state, token)
+        ).fetchone()
+        conn.execute(RAW_AUDIT, (gid, state, stage, now, attempt, token, corr))
+        conn.execute("COMMIT")
+        (raw if i >= n else raw_hot).append(1000 * (time.perf_counter() - t))
+    conn.close()
+    return {
+        "claim_ms_hot": statistics.median(hot),
+        "claim_ms_after_idle": statistics.median(idle),
+        "raw_claim_ms_hot": statistics.median(raw_hot),
+        "raw_claim_ms_after_idle": statistics.median(raw),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--groups", type=int, default=40)
@@ -342,6 +425,14 @@ def main() -> None:
         else:
             prefect_ms, prefect_note = prefect(work, args.groups, args.prefect_venv)
         print(f"prefect: {prefect_ms} ms/stage ({prefect_note})", flush=True)
+        idle = idle_penalty(work, 100)
+        print(
+            f"one claim: {idle['claim_ms_hot']:.2f} ms back to back, "
+            f"{idle['claim_ms_after_idle']:.2f} ms after 50 ms idle; its SQL through sqlite3 "
+            f"alone: {idle['raw_claim_ms_hot']:.2f} ms back to back, "
+            f"{idle['raw_claim_ms_after_idle']:.2f} ms after 50 ms idle",
+            flush=True,
+        )
         million = at_one_million(work, args.rows, args.repeats)
         print(
             f"{million['rows']} rows (filled in {million['fill_s']:.0f} s): claim "
@@ -350,6 +441,7 @@ def main() -> None:
             flush=True,
         )
     figures = {
+        **{k: round(v, 3) for k, v in idle.items()},
         "benchmark": "orchestration",
         "groups": args.groups,
         "stages": 5 * args.groups,
