@@ -3,10 +3,9 @@
 Prints one line per figure and, last, one JSON object with the keys
 overhead_ms_per_stage, wall_ms_per_stage, worker_in_daemon_ms_per_stage,
 overhead_vs_worker_alone_ms_per_stage, daemon_cpu_ms_per_stage, worker_ms_per_stage,
-floor_ms_per_stage,
-prefect_ms_per_stage, cold_start_s, daemon_rss_mb, claim_ms_at_1m_rows,
-status_ms_at_1m_rows, claim_ms_hot, claim_ms_after_idle, raw_claim_ms_hot,
-raw_claim_ms_after_idle (and the parameters). Asserts nothing.
+floor_ms_per_stage, prefect_ms_per_stage, prefect_beyond_spawn_ms_per_stage, cold_start_s,
+daemon_rss_mb, claim_ms_at_1m_rows, status_ms_at_1m_rows, claim_ms_hot, claim_ms_after_idle,
+raw_claim_ms_hot, raw_claim_ms_after_idle (and the parameters). Asserts nothing.
 
 - wall_ms_per_stage: N groups x 5 no-op stages (tests/fake_stage.py, "succeed") through the
   real daemon path (`contimg-supervisor run --until-idle`, SQLite WAL, every transition
@@ -27,6 +26,8 @@ raw_claim_ms_after_idle (and the parameters). Asserts nothing.
 - prefect_ms_per_stage: Prefect 3 running the same no-op subprocess stages, local
   (ephemeral) mode, one flow over all groups, in its own venv (created under the work
   directory with pip; null with the reason when that is impossible, or with --no-prefect).
+  prefect_beyond_spawn_ms_per_stage: that less the same `python -c pass` spawned bare, in
+  the same process right after (the figure to set beside overhead_ms_per_stage).
 - cold_start_s: `contimg-supervisor run` start to READY=1 on a real notify socket.
 - daemon_rss_mb: the daemon's resident memory after draining the N groups.
 - claim_ms_at_1m_rows / status_ms_at_1m_rows: one claim, and one `status` snapshot, with
@@ -203,11 +204,16 @@ if __name__ == "__main__":
     night(1)  # warm: the ephemeral server is up, the database migrated
     t = time.perf_counter()
     night(n)
-    print((time.perf_counter() - t) * 1000 / (5 * n))
+    per_task = (time.perf_counter() - t) * 1000 / (5 * n)
+    t = time.perf_counter()  # the same spawns without Prefect, in the same process
+    for _ in range(5 * n):
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    print(per_task, (time.perf_counter() - t) * 1000 / (5 * n))
 """
 
 
-def prefect(workdir: Path, n: int, venv: Path | None) -> tuple[float | None, str]:
+def prefect(workdir: Path, n: int, venv: Path | None) -> tuple[float | None, float | None, str]:
+    """(ms per task, ms per bare spawn of the same command in the same process, note)."""
     venv = venv or workdir / "prefect-venv"
     python = venv / "bin" / "python"
     try:
@@ -241,9 +247,10 @@ def prefect(workdir: Path, n: int, venv: Path | None) -> tuple[float | None, str
             capture_output=True,
             text=True,
         ).stdout.strip()
-        return float(done.stdout.strip().splitlines()[-1]), f"prefect {version}"
+        per_task, spawn = (float(x) for x in done.stdout.strip().splitlines()[-1].split())
+        return per_task, spawn, f"prefect {version}"
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
-        return None, f"not measured: {str(exc)[:200]}"
+        return None, None, f"not measured: {str(exc)[:200]}"
 
 
 def at_one_million(workdir: Path, rows: int, repeats: int) -> dict[str, float]:
@@ -421,10 +428,13 @@ def main() -> None:
         floor_ms = floor(work, 5 * args.groups)
         print(f"floor (spawn + 2 fsync'd commits): {floor_ms:.1f} ms/stage", flush=True)
         if args.no_prefect:
-            prefect_ms, prefect_note = None, "not measured (--no-prefect)"
+            prefect_ms, prefect_spawn, prefect_note = None, None, "not measured (--no-prefect)"
         else:
-            prefect_ms, prefect_note = prefect(work, args.groups, args.prefect_venv)
-        print(f"prefect: {prefect_ms} ms/stage ({prefect_note})", flush=True)
+            prefect_ms, prefect_spawn, prefect_note = prefect(work, args.groups, args.prefect_venv)
+        print(
+            f"prefect: {prefect_ms} ms/stage, the bare spawn {prefect_spawn} ms ({prefect_note})",
+            flush=True,
+        )
         idle = idle_penalty(work, 100)
         print(
             f"one claim: {idle['claim_ms_hot']:.2f} ms back to back, "
@@ -455,6 +465,11 @@ def main() -> None:
         "daemon_cpu_ms_per_stage": round(d["daemon_cpu_ms_per_stage"], 2),
         "floor_ms_per_stage": round(floor_ms, 2),
         "prefect_ms_per_stage": round(prefect_ms, 2) if prefect_ms is not None else None,
+        "prefect_beyond_spawn_ms_per_stage": (
+            round(prefect_ms - prefect_spawn, 2)
+            if prefect_ms is not None and prefect_spawn is not None
+            else None
+        ),
         "prefect": prefect_note,
         "cold_start_s": round(d["cold_start_s"], 3),
         "daemon_rss_mb": round(d["daemon_rss_mb"], 1),

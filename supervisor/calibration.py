@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from supervisor.calibrators import (
+    INTEGRATION_S,
     Calibrator,
     angular_separation_deg,
     calibrators_in_beam,
@@ -44,7 +45,6 @@ from supervisor.calibrators import (
 from supervisor.config import Config, StageTier
 from supervisor.errors import Category, Failure
 from supervisor.models import CalibrationSet, CalibrationTable, Group, StageAttempt
-from supervisor.simulate import INTEGRATION_S
 from supervisor.skymodel import field_model, read_catalogue
 from supervisor.states import Actor, State, transition
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from supervisor.config import DEFAULT_CATALOGUE_PATH
 
+INTEGRATION_S = 96 * 0.134217728  # 12.884901888 s, one DSA-110 integration
+
 _J2000 = datetime(2000, 1, 1, 12, 0, tzinfo=UTC)
 
 

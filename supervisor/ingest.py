@@ -24,12 +24,16 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from supervisor.calibrators import Calibrator, choose_calibrator, load_catalogue
+from supervisor.calibrators import (
+    INTEGRATION_S,
+    Calibrator,
+    choose_calibrator,
+    load_catalogue,
+)
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.errors import Category, Failure
 from supervisor.models import Group, SubbandFile, utcnow
-from supervisor.simulate import INTEGRATION_S
 from supervisor.states import Actor, Stage, State, create_group, transition
 
 log = structlog.get_logger(__name__)

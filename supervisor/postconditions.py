@@ -7,13 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# numpy, python-casacore and astropy are imported where a check needs them: the daemon
+# imports this module, and its cold start (to READY=1) should not pay for them.
 
 REQUIRED_MS_COLUMNS = ("DATA", "UVW", "ANTENNA1", "ANTENNA2", "TIME", "FLAG")
 
 
 def measurement_set(ms: Path) -> list[str]:
     """The MS opens, has the required columns and rows, and ascending positive channels."""
+    import numpy as np
     from casacore.tables import table
 
     try:
@@ -37,6 +39,7 @@ def measurement_set(ms: Path) -> list[str]:
 
 def fits_image(fits_path: Path) -> list[str]:
     """The FITS image opens, is one plane on the sky, finite, and not blank."""
+    import numpy as np
     from astropy.io import fits
 
     try:

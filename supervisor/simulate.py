@@ -31,10 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from supervisor.calibrators import Calibrator, angular_separation_deg, load_catalogue, lst_deg
+from supervisor.calibrators import (
+    INTEGRATION_S,
+    Calibrator,
+    angular_separation_deg,
+    load_catalogue,
+    lst_deg,
+)
 
 C_M_S = 299_792_458.0
-INTEGRATION_S = 96 * 0.134217728  # 12.884901888 s, one DSA-110 integration
 BAND_LOW_HZ = 1311.25e6
 BAND_HIGH_HZ = 1498.75e6
 N_SUBBANDS = 16
