@@ -1,6 +1,7 @@
 """Faults with their classification: a hung worker (no CPU, no output) caught long before
 the stage timeout; a busy silent worker left alone; a worker that runs out of its memory
-limit (RLIMIT_AS); a locked database; a commit that raises after or before it held."""
+limit (RLIMIT_AS); a locked database; a commit that raises after or before it held; a
+calibration set whose write fails inside the commit."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from supervisor import executor as executor_module
 from supervisor.daemon import Daemon
 from supervisor.db import Database
-from supervisor.models import Group, StageAttempt
+from supervisor.models import CalibrationSet, Group, StageAttempt, Transition
 from tests.conftest import add_pending_group, fake_pipeline_config
 from tests.test_pipeline import assert_clean
 
@@ -159,4 +160,42 @@ def test_a_commit_that_raises_is_read_back_never_applied_twice(
         assert [a[:2] for a in cal] == [("succeeded", None)]
     else:
         assert [a[:2] for a in cal] == [("failed", "database_unavailable"), ("succeeded", None)]
+    assert_clean(cfg)
+
+
+def test_a_calibration_set_that_fails_to_register_undoes_the_whole_commit(
+    workspace: Path, sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calibration set is written by ORM objects in a session joined to the commit's
+    Core transaction. When that write fails (after the outputs were moved into place and
+    the group's row was moved on), nothing of the commit holds: the group is still at
+    calibrate, the outputs are back in staging and then removed, no set is registered; the
+    retry commits once."""
+    real = executor_module.calibration.register_solution
+    fired = {"n": 0}
+
+    def failing(s, group, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        cal_set = real(s, group, *args, **kwargs)
+        if not fired["n"]:
+            fired["n"] += 1
+            s.flush()  # the set's row is written in the transaction, then the write fails
+            raise OperationalError("INSERT INTO calibration_tables", {}, Exception("disk I/O"))
+        return cal_set
+
+    monkeypatch.setattr(executor_module.calibration, "register_solution", failing)
+    cfg = fake_pipeline_config(workspace)
+    add_pending_group(sqlite_db, GID)
+    run(cfg, sqlite_db)
+    assert fired["n"] == 1 and state(sqlite_db) == "completed"
+    cal = attempts(sqlite_db, "calibrate")
+    assert [a[:2] for a in cal] == [("failed", "database_unavailable"), ("succeeded", None)]
+    with sqlite_db.transaction() as s:
+        sets = s.execute(select(CalibrationSet.group_id)).scalars().all()
+        moves = s.execute(
+            select(func.count())
+            .select_from(Transition)
+            .where(Transition.group_id == GID, Transition.message == "calibrate committed")
+        ).scalar_one()
+    assert sets == [GID]  # one set: the failed commit's row was rolled back with it
+    assert moves == 1
     assert_clean(cfg)
