@@ -448,7 +448,7 @@ def _run_image_worker(night: Night, tmp: Path, params: dict) -> dict:
 
 def test_without_wsclean_the_same_products_come_from_tclean(night: Night, tmp_path: Path) -> None:
     """imager = auto with no WSClean: tclean makes the same products, judged by the same
-    QA, and the metrics say which imager and why."""
+    QA, and the metrics say which imager and why; it leaves the committed MS unchanged."""
     result = _run_image_worker(
         night, tmp_path, {"imager": "auto", "wsclean": str(tmp_path / "no-such-wsclean")}
     )
@@ -467,6 +467,10 @@ def test_without_wsclean_the_same_products_come_from_tclean(night: Night, tmp_pa
         tmp_path / "out" / "image.fits", night.truth_dir / f"{night.ids[TARGET]}.json"
     )
     assert len(sources) == 3 and all(abs(src["ratio"] - 1.0) < 0.10 for src in sources)
+    # tclean read the committed MS (or mstransform did, for an averaged copy in scratch):
+    # the MS is still as its rows record it.
+    findings = reconcile.check_state(night.cfg, night.db)
+    assert [f.as_dict() for f in findings if f.group_id == night.ids[TARGET]] == []
 
 
 def test_a_failing_wsclean_is_a_classified_failure_for_the_tclean_tier(
