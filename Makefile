@@ -47,8 +47,9 @@ clean:
 # Orchestration overhead (vs the spawn + fsync floor and Prefect 3 in its own venv), cold
 # start, RSS, claims at 1M rows; then a backlog of full-size groups through the real stages,
 # one full-size calibrator group alone with threads granted and with one thread per worker
-# (the real-time case), and the convert worker's peak memory on one full-size group (~55 min
-# on 2 cores). The last line is one JSON object. Results: bench/RESULTS.md.
+# (the real-time case), and the convert worker's peak memory on one full-size group (22 min
+# 34 s on this 2-core machine, 2026-11-27). The last line is one JSON object. Results:
+# bench/RESULTS.md.
 # ORCH_ARGS="--no-prefect --rows 100000" FULL_ARGS="--groups 2 --antennas 32 --channels 16"
 # for a quick run.
 ORCH_ARGS ?=

@@ -40,7 +40,8 @@ _INSERT_PRODUCT = insert(_products)
 
 
 def committed_metrics(conn: Connection, group_id: str) -> dict[str, dict[str, Any]]:
-    """Each stage's metrics from its newest succeeded (committed) attempt."""
+    """Each stage's metrics from its newest succeeded (committed) attempt: a worker's
+    upstream metrics (stage_request) and the registered products' QA."""
     newest: dict[str, dict[str, Any]] = {}
     for stage, result in conn.execute(_COMMITTED_RESULTS, {"group_id": group_id}):
         newest[stage] = dict((result or {}).get("metrics", {}))  # later ids overwrite

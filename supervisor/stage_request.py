@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
-from sqlalchemy.orm import Session
 
-from supervisor import calibration
+from supervisor import calibration, registry
 from supervisor.calibration import CalibrationPlan
 from supervisor.config import Config, StageTier
 from supervisor.leases import Claim
-from supervisor.models import Artifact, Group, StageAttempt, SubbandFile
+from supervisor.models import Artifact, Group, SubbandFile
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class AttemptPaths:
 
 # Built once, on the tables (Core statements, no ORM compilation): they run for every stage.
 _groups = Group.__table__
-_files, _artifacts, _attempts = SubbandFile.__table__, Artifact.__table__, StageAttempt.__table__
+_files, _artifacts = SubbandFile.__table__, Artifact.__table__
 # What a request needs of the group (and what calibration's helpers read of it).
 _GROUP = select(
     _groups.c.obs_start,
@@ -65,11 +64,6 @@ _ARTIFACTS = (
     .where(_artifacts.c.group_id == bindparam("group_id"))
     .order_by(_artifacts.c.id)
 )
-_SUCCEEDED = (
-    select(_attempts.c.stage, _attempts.c.result)
-    .where(_attempts.c.group_id == bindparam("group_id"), _attempts.c.outcome == "succeeded")
-    .order_by(_attempts.c.id)
-)
 
 
 def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
@@ -81,7 +75,7 @@ def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
 
 
 def build_request(
-    s: Session | Connection,
+    s: Connection,
     cfg: Config,
     claim: Claim,
     tier: StageTier,
@@ -96,9 +90,7 @@ def build_request(
     group = s.execute(_GROUP, key).one()
     files = {subband: path for subband, path in s.execute(_READY_FILES, key)}
     artifacts = {kind: path for kind, path in s.execute(_ARTIFACTS, key)}
-    upstream = {
-        stage: (result or {}).get("metrics", {}) for stage, result in s.execute(_SUCCEEDED, key)
-    }
+    upstream = registry.committed_metrics(s, claim.group_id)
     extras: dict[str, Any] = {}
     if plan is not None:
         extras["calibration_plan"] = plan.as_request()
