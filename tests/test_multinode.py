@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import func, select
 from supervisor import migrate
 from supervisor.daemon import Daemon
 from supervisor.db import Database
+from supervisor.leases import database_now
 from supervisor.models import Group, StageAttempt
 from tests.conftest import add_pending_group, fake_pipeline_config
 from tests.test_pipeline import fake_processes
@@ -123,18 +125,25 @@ def test_a_node_killed_mid_stage_has_its_groups_finished_by_the_others(
 
     nodes = {name: node(name) for name in ("node-a", "node-b", "node-c")}
     try:
+        # Kill node-a while one of its workers is mid-stage: an attempt row of a slow (1 s)
+        # stage that began under 0.4 s ago. A group merely claimed (its attempt row not yet
+        # written) or a fast stage about to commit would test a different moment.
         victim = None
         deadline = time.monotonic() + 60
         while victim is None and time.monotonic() < deadline:
             with db.transaction() as s:
-                owner = s.scalars(
-                    select(Group.lease_owner).where(
-                        Group.state == "running", Group.lease_owner.like("node-a:%")
+                now = database_now(s)
+                victim = s.scalars(
+                    select(StageAttempt.group_id).where(
+                        StageAttempt.outcome == "running",
+                        StageAttempt.owner.like("node-a:%"),
+                        StageAttempt.stage.in_(("convert", "image")),
+                        StageAttempt.started_at > now - timedelta(seconds=0.4),
                     )
                 ).first()
-            victim = owner
-            time.sleep(0.1)
-        assert victim is not None, "node-a never claimed anything"
+            if victim is None:
+                time.sleep(0.05)
+        assert victim is not None, "node-a never ran a slow stage"
         os.kill(nodes["node-a"].pid, signal.SIGKILL)
         nodes["node-a"].wait()
         for name in ("node-b", "node-c"):
@@ -154,12 +163,12 @@ def test_a_node_killed_mid_stage_has_its_groups_finished_by_the_others(
             .where(StageAttempt.outcome == "succeeded")
             .group_by(StageAttempt.group_id, StageAttempt.stage)
         ).all()
-        reaped_from_a = s.scalar(
-            select(func.count())
-            .select_from(StageAttempt)
-            .where(StageAttempt.owner.like("node-a:%"), StageAttempt.outcome == "abandoned")
-        )
+        abandoned_by_a = s.scalars(
+            select(StageAttempt.group_id).where(
+                StageAttempt.owner.like("node-a:%"), StageAttempt.outcome == "abandoned"
+            )
+        ).all()
     assert states == {gid: "completed" for gid in GROUPS}
     assert len(per_stage) == 5 * len(GROUPS) and all(n == 1 for *_k, n in per_stage)
-    assert reaped_from_a >= 1
+    assert victim in abandoned_by_a
     db.dispose()
