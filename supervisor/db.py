@@ -68,7 +68,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, begin: str) -> None:
 # The newest migration (migrations/versions). The daemon and CLI check a database against
 # it without importing Alembic (11 MB and 0.17 s of a cold start); tests/test_migrations.py
 # keeps it equal to Alembic's head.
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 
 @functools.lru_cache(maxsize=256)

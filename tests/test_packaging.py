@@ -90,7 +90,7 @@ def test_the_installed_wheel_runs_a_group_from_outside_the_repository(
     common = ("--workspace", str(workspace), "--config", str(config))
     out = run(installed, tmp_path, *common, "config", "check", env=env)
     assert "configuration OK" in out
-    assert "at revision 0007" in run(installed, tmp_path, *common, "db", "upgrade", env=env)
+    assert "at revision 0008" in run(installed, tmp_path, *common, "db", "upgrade", env=env)
     from supervisor.config import load_config
     from supervisor.db import Database
     from tests.conftest import add_pending_group
