@@ -75,6 +75,28 @@ def _parse_time(value: str) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
+def _refuse_root_in_foreign_workspace(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Root must not run a command that can create files in a workspace another user (the
+    service's) owns: the directories, logs and SQLite side files it made would be root's,
+    and the daemon could not write them later (DOMAIN.md, failure mode 8). Commands that
+    touch neither the workspace nor the database (simulate, config check) are free."""
+    if args.func in (cmd_simulate, cmd_config_check):
+        return
+    from supervisor import writable
+
+    cfg = load_config(args.config, workspace=args.workspace)
+    owner = writable.foreign_owner_of_workspace(cfg)
+    if owner is None:
+        return
+    import shlex
+
+    raise UsageError(
+        f"running as root in workspace {cfg.workspace}, which {owner} owns: files this "
+        f"command made would be root's, and the service could not write them. Run it as "
+        f"that user: sudo -u {owner} contimg-supervisor {shlex.join(argv)}"
+    )
+
+
 # Commands -------------------------------------------------------------------------------
 
 
@@ -268,6 +290,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     (daemon.stall_exit_s)."""
     import os
 
+    import structlog
+
+    from supervisor import writable
     from supervisor.daemon import ConfigSource, Daemon
     from supervisor.listener import parse_listen
     from supervisor.logs import configure_logging
@@ -281,7 +306,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             parse_listen(listen)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    # Before the database opens (a root-owned -shm breaks even reading it): a workspace
+    # directory it cannot write would fail every group, so the daemon does not start.
+    problems = writable.workspace_problems(cfg)
+    if problems:
+        raise UsageError(writable.explain(problems))
     db = _database(cfg)
+    # One group's directories only fail that group (classified, when it gets there): say so
+    # now, and keep up with the rest of the sky.
+    problems = writable.open_group_problems(cfg, db)
+    if problems:
+        structlog.get_logger("supervisor.writable").error(
+            "writable.group_directories",
+            problems=[str(p) for p in problems],
+            fix=writable.explain(problems).splitlines()[-1].strip(),
+        )
     if not cfg.incoming_dir.is_dir():
         raise UsageError(f"incoming directory {cfg.incoming_dir} does not exist (paths.incoming)")
     daemon = Daemon(
@@ -652,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "health",
         cmd_health,
-        "loop liveness, database, disk, intake, calibration age, backlog "
+        "loop liveness, database, disk, writable workspace, intake, calibration age, backlog "
         "(exit 0 healthy, 1 degraded, 2 unhealthy)",
         json_flag=True,
     )
@@ -732,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None)
     try:
+        _refuse_root_in_foreign_workspace(args, sys.argv[1:] if argv is None else argv)
         return int(args.func(args))
     except ConfigError as exc:
         for problem in exc.problems:

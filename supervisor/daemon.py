@@ -40,7 +40,16 @@ import structlog
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from supervisor import __version__, calibration, faults, health, metrics, reconcile, retention
+from supervisor import (
+    __version__,
+    calibration,
+    faults,
+    health,
+    metrics,
+    reconcile,
+    retention,
+    writable,
+)
 from supervisor.config import Config, load_config
 from supervisor.db import Database
 from supervisor.errors import Category, ConfigError, Failure
@@ -379,13 +388,26 @@ class Daemon:
         """A bug or an environment fault in the supervisor itself while handling ``claim``:
         fail the group (fatal, with the traceback in the log), keep the daemon alive."""
         log.exception("supervisor.error", group_id=claim.group_id, stage=claim.stage)
-        failure = Failure(
-            Category.FATAL,
-            "supervisor_error",
-            f"{claim.stage}: supervisor error {type(exc).__name__}: {exc}",
-            "a bug in contimg-supervisor or its environment: see the daemon log, "
-            "fix, then `retry` the group",
-        )
+        if isinstance(exc, PermissionError):
+            # A directory of this group made by another user (a command run as root): the
+            # node's fault, not the data's; it needs a human, and `retry` resumes the stage.
+            failure = Failure(
+                Category.FATAL,
+                "permission_denied",
+                f"{claim.stage}: this daemon ({writable.process_user()}) cannot write "
+                f"{exc.filename}: {exc.strerror}",
+                f"another user (often root) made it: {writable.chown_hint([exc.filename])}, "
+                "then `retry` the group",
+                path=str(exc.filename) if exc.filename else None,
+            )
+        else:
+            failure = Failure(
+                Category.FATAL,
+                "supervisor_error",
+                f"{claim.stage}: supervisor error {type(exc).__name__}: {exc}",
+                "a bug in contimg-supervisor or its environment: see the daemon log, "
+                "fix, then `retry` the group",
+            )
         try:
             with self.db.transaction() as s:
                 group = s.get(Group, claim.group_id)

@@ -1,5 +1,6 @@
 """The health report, the same for ``contimg-supervisor health`` and ``GET /healthz``:
-scheduling-loop liveness, database writable, disk and tmpfs headroom, paused intake, time
+scheduling-loop liveness, database writable, disk and tmpfs headroom, workspace directories
+this process can write, paused intake, time
 since the last good calibration, and the backlog (oldest runnable group) against the 309 s
 cadence. Each check is ok, degraded or unhealthy; the report is the worst of them
 (exit codes 0, 1, 2).
@@ -15,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import select, text
 
+from supervisor import writable
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.leases import database_now
@@ -78,6 +80,7 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
     checks.append(_loop(cfg, live, record, now, node))
     checks.append(_intake(live, record))
     checks += _disk(cfg)
+    checks.append(_writable(cfg))
     worst = max((c.status for c in checks), key=LEVELS.__getitem__)
     return {
         "status": worst,
@@ -132,6 +135,13 @@ def _disk(cfg: Config) -> list[Check]:
         status = "ok" if tfree >= 1.0 else "degraded"
         out.append(Check("tmpfs", status, f"{tfree:.1f} GB free on tmpfs staging", tfree))
     return out
+
+
+def _writable(cfg: Config) -> Check:
+    problems = writable.workspace_problems(cfg)
+    if not problems:
+        return Check("writable", "ok", f"{writable.process_user()} can write the workspace")
+    return Check("writable", "unhealthy", "; ".join(str(p) for p in problems), len(problems))
 
 
 def _backlog(cfg: Config, snap: dict[str, Any]) -> Check:
