@@ -10,8 +10,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -75,8 +77,14 @@ def as_nobody(work: Path, fn: Callable[[], int]) -> tuple[int, str, str]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out_path.read_text(), err_path.read_text()
+    deadline = time.monotonic() + 60
+    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:  # e.g. a lock another thread held at the fork
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the uid 65534 child hung; stderr: {err_path.read_text()}")
+        time.sleep(0.02)
+    return os.waitstatus_to_exitcode(waited[1]), out_path.read_text(), err_path.read_text()
 
 
 @needs_root
