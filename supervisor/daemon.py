@@ -412,16 +412,32 @@ class Daemon:
             with self.db.transaction() as s:
                 group = s.get(Group, claim.group_id)
                 if group is not None:
+                    now = self.leases.now(s)
                     transition(
                         s,
                         group,
                         State.FAILED,
-                        now=self.leases.now(s),
+                        now=now,
                         actor=self.leases.actor,
                         fencing_token=claim.fencing_token,
                         failure=failure,
                         set_fields={"lease_owner": None, "lease_expires_at": None},
                     )
+                    # The attempt ends with its group (else it stays `running`, an orphan
+                    # that only check-state would close).
+                    for attempt in s.scalars(
+                        select(StageAttempt).where(
+                            StageAttempt.group_id == claim.group_id,
+                            StageAttempt.fencing_token == claim.fencing_token,
+                            StageAttempt.outcome == "running",
+                        )
+                    ):
+                        attempt.outcome = "failed"
+                        attempt.finished_at = now
+                        attempt.error_category = str(failure.category)
+                        attempt.error_code = failure.code
+                        attempt.error_message = failure.message
+                        attempt.hint = failure.hint
         except Exception:  # noqa: BLE001 - the lease will expire and the reaper takes over
             log.exception("supervisor.error_not_recorded", group_id=claim.group_id)
             return "lost"

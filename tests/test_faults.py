@@ -1,7 +1,7 @@
 """Faults with their classification: a hung worker (no CPU, no output) caught long before
 the stage timeout; a busy silent worker left alone; a worker that runs out of its memory
 limit (RLIMIT_AS); a locked database; a commit that raises after or before it held; a
-calibration set whose write fails inside the commit."""
+calibration set whose write fails inside the commit; an exception of the supervisor's own."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from supervisor import executor as executor_module
 from supervisor.daemon import Daemon
 from supervisor.db import Database
 from supervisor.models import CalibrationSet, Group, StageAttempt, Transition
+from supervisor.reconcile import check_state
 from tests.conftest import add_pending_group, fake_pipeline_config
 from tests.test_pipeline import assert_clean
 
@@ -199,3 +200,35 @@ def test_a_calibration_set_that_fails_to_register_undoes_the_whole_commit(
     assert sets == [GID]  # one set: the failed commit's row was rolled back with it
     assert moves == 1
     assert_clean(cfg)
+
+
+def test_a_supervisor_bug_fails_its_group_ends_its_attempt_and_the_night_goes_on(
+    workspace: Path, sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception of the supervisor's own (here: in publishing one group's convert
+    outputs) fails that group (fatal, ``supervisor_error``) and closes its attempt in the
+    same transaction; the daemon lives on and the next group completes."""
+    other = "2025-10-05T12:35:00"
+    real = executor_module.publish
+
+    def publish(staged: Path, final_dir: Path):  # noqa: ANN202
+        if GID in str(final_dir) and final_dir.name == "convert":
+            raise RuntimeError("a bug")
+        return real(staged, final_dir)
+
+    monkeypatch.setattr(executor_module, "publish", publish)
+    cfg = fake_pipeline_config(workspace)
+    add_pending_group(sqlite_db, GID)
+    add_pending_group(sqlite_db, other)
+    run(cfg, sqlite_db)
+    with sqlite_db.transaction() as s:
+        states = dict(s.execute(select(Group.group_id, Group.state)).all())
+        ended = s.scalars(
+            select(StageAttempt).where(
+                StageAttempt.group_id == GID, StageAttempt.stage == "convert"
+            )
+        ).one()
+        assert (ended.outcome, ended.error_code) == ("failed", "supervisor_error")
+        assert ended.finished_at is not None and "RuntimeError: a bug" in ended.error_message
+    assert states == {GID: "failed", other: "completed"}
+    assert check_state(cfg, sqlite_db) == []

@@ -28,7 +28,8 @@ from supervisor import cli, health, migrate, writable
 from supervisor import executor as executor_module
 from supervisor.daemon import Daemon
 from supervisor.db import Database
-from supervisor.models import Group, Transition
+from supervisor.models import Group, StageAttempt, Transition
+from supervisor.reconcile import check_state
 from tests.conftest import add_pending_group, fake_pipeline_config
 
 NOBODY = 65534
@@ -183,3 +184,7 @@ def test_a_group_directory_it_cannot_write_fails_the_group_with_the_fix(
         last = s.scalars(select(Transition).order_by(Transition.id.desc())).first()
         assert last.hint.startswith("another user (often root) made it: chown -R ")
         assert f": {denied}, then `retry` the group" in last.hint
+        # Its attempt ended with it (not left `running` for check-state to find).
+        (attempt,) = s.scalars(select(StageAttempt)).all()
+        assert (attempt.outcome, attempt.error_code) == ("failed", "permission_denied")
+    assert check_state(cfg, sqlite_db) == []
