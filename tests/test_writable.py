@@ -120,6 +120,21 @@ def test_the_daemon_names_what_a_root_run_left_and_does_not_start(open_workspace
     code, _out, err = as_nobody(ws.parent, lambda: len(writable.workspace_problems(cfg)))
     assert (code, err) == (0, "")
 
+    # One pending group's stage directory made by root: named at start, the rest runs.
+    stage_dir = products / GID / "preflight"
+    stage_dir.mkdir(parents=True)
+    os.chown(products / GID, NOBODY, NOBODY)
+
+    def group_check() -> int:
+        db = Database(cfg.database_url)
+        print("\n".join(str(p) for p in writable.open_group_problems(cfg, db)))
+        db.dispose()
+        return 0
+
+    code, out, err = as_nobody(ws.parent, group_check)
+    assert code == 0, err
+    assert out.splitlines() == [f"{stage_dir} (root:root, drwxr-xr-x) is not writable"]
+
 
 @needs_root
 def test_a_missing_directory_needs_a_writable_parent_and_health_says_so(
