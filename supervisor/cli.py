@@ -80,8 +80,10 @@ def _refuse_root_in_foreign_workspace(args: argparse.Namespace, argv: Sequence[s
     service's) owns: the directories, logs and SQLite side files it made would be root's,
     and the daemon could not write them later (DOMAIN.md, failure mode 8). Commands that
     touch neither the workspace nor the database (simulate, config check) are free."""
-    if args.func in (cmd_simulate, cmd_config_check):
-        return
+    import os
+
+    if os.geteuid() != 0 or args.func in (cmd_simulate, cmd_config_check):
+        return  # (the service user loads no configuration twice)
     from supervisor import writable
 
     cfg = load_config(args.config, workspace=args.workspace)
