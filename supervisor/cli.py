@@ -321,7 +321,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         structlog.get_logger("supervisor.writable").error(
             "writable.group_directories",
             problems=[str(p) for p in problems],
-            fix=writable.explain(problems).splitlines()[-1].strip(),
+            fix=writable.chown_hint(p.path for p in problems),
         )
     if not cfg.incoming_dir.is_dir():
         raise UsageError(f"incoming directory {cfg.incoming_dir} does not exist (paths.incoming)")

@@ -1,9 +1,8 @@
 """The health report, the same for ``contimg-supervisor health`` and ``GET /healthz``:
 scheduling-loop liveness, database writable, disk and tmpfs headroom, workspace directories
-this process can write, paused intake, time
-since the last good calibration, and the backlog (oldest runnable group) against the 309 s
-cadence. Each check is ok, degraded or unhealthy; the report is the worst of them
-(exit codes 0, 1, 2).
+this process can write, paused intake, time since the last good calibration, and the backlog
+(oldest runnable group) against the 309 s cadence. Each check is ok, degraded or unhealthy;
+the report is the worst of them (exit codes 0, 1, 2).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from sqlalchemy import make_url, select
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.models import Group
+from supervisor.resources import existing_ancestor
 from supervisor.states import TERMINAL
 
 WORKSPACE_DIRS = ("products", "staging", "logs", "state", "tmpfs_staging")
@@ -138,20 +139,13 @@ def _check(dirs: Iterable[Path], files: Iterable[Path]) -> list[Unwritable]:
             if not os.access(d, os.W_OK | os.X_OK):
                 problems.append(_describe(d))
             continue
-        parent = _existing_ancestor(d)
+        parent = existing_ancestor(d)
         if not os.access(parent, os.W_OK | os.X_OK):
             problems.append(_describe(parent, missing=d))
     for f in files:
         if f.exists() and not os.access(f, os.W_OK):
             problems.append(_describe(f))
     return problems
-
-
-def _existing_ancestor(path: Path) -> Path:
-    for parent in path.parents:
-        if parent.exists():
-            return parent
-    return Path("/")
 
 
 def _describe(path: Path, missing: Path | None = None) -> Unwritable:

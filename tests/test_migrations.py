@@ -192,26 +192,21 @@ def test_0008_forgets_the_size_of_calibrated_measurement_sets(
                             correlation_id="c",
                         )
                     )
-                s.add(
-                    Artifact(
-                        group_id=gid,
-                        stage="convert",
-                        kind="ms",
-                        path=str(ms),
-                        bytes=1000,
-                        created_at=now,
+                # The MS row holds its size before calibrate wrote into it.
+                for stage, kind, path, size in (
+                    ("convert", "ms", ms, 1000),
+                    ("image", "fits", image, 500),
+                ):
+                    s.add(
+                        Artifact(
+                            group_id=gid,
+                            stage=stage,
+                            kind=kind,
+                            path=str(path),
+                            bytes=size,
+                            created_at=now,
+                        )
                     )
-                )  # the size before calibrate
-                s.add(
-                    Artifact(
-                        group_id=gid,
-                        stage="image",
-                        kind="fits",
-                        path=str(image),
-                        bytes=500,
-                        created_at=now,
-                    )
-                )
             sizes[gid] = ms
         mismatched = {f.group_id for f in check_state(cfg, db) if f.kind == "size_mismatch"}
         # Before: both. Only the uncalibrated one really differs from what its stage wrote.
