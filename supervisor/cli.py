@@ -4,6 +4,7 @@ configuration error."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -111,14 +112,170 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sqlite_path(cfg: Config) -> Path | None:
+    from supervisor.dbfile import sqlite_file
+
+    return sqlite_file(cfg.database_url)
+
+
+def _require_intact(cfg: Config) -> None:
+    """quick_check the SQLite file before anything opens it for writing (DatabaseCorrupt
+    is reported by main(): exit 2, the file untouched)."""
+    from supervisor.dbfile import require_intact
+
+    require_intact(_sqlite_path(cfg), backups=cfg.path("backups"))
+
+
+def _refuse_unknown_commits(cfg: Config, db: Any, *, start_fresh: bool) -> None:
+    """An empty (or older) database over a workspace whose products hold committed stages it
+    does not know: refuse to process (the groups would be queued again from preflight and
+    their registered products replaced), unless the operator starts fresh, which moves
+    those product directories to lost+found/ (never deletes them)."""
+    from supervisor import rebuild, reconcile
+
+    found = rebuild.survey(cfg, db, skip_completed=True)
+    refusing, legacy = found.refusing(), found.legacy
+    if not refusing and not legacy:
+        return
+    groups = sorted({f.manifest.group_id for f in refusing} | {p.parent.name for p in legacy})
+    if start_fresh:
+        moved = reconcile.move_to_lost_and_found(
+            cfg, [f.manifest.directory for f in refusing] + legacy
+        )
+        print(
+            f"--start-fresh: {len(moved)} product directories of {len(groups)} group(s) the "
+            f"database does not know moved to {reconcile.lost_and_found(cfg)} (nothing deleted)"
+        )
+        return
+    where = cfg.database_url if db is not None else f"{_sqlite_path(cfg)} (missing)"
+    examples = ", ".join(f.label for f in refusing[:3]) or ", ".join(map(str, legacy[:3]))
+    raise UsageError(
+        f"the database {where} does not know {len(refusing) + len(legacy)} committed "
+        f"stage(s) of {len(groups)} group(s) in {cfg.path('products')} (e.g. {examples}): "
+        f"processing now would queue them again and replace their products. Recover them "
+        f"(the service stopped, as the service user) with\n"
+        f"  contimg-supervisor db rebuild          # from the products' commit manifests\n"
+        f"  contimg-supervisor db restore BACKUP   # a verified backup, brought forward\n"
+        f"or, to start a new database anyway, pass --start-fresh (the unknown product "
+        f"directories are moved to {reconcile.lost_and_found(cfg)}, never deleted)"
+    )
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from supervisor import migrate
 
     cfg = _load(args)
+    _require_intact(cfg)
+    path = _sqlite_path(cfg)
+    if path is not None and (not path.exists() or path.stat().st_size == 0):
+        _refuse_unknown_commits(cfg, None, start_fresh=args.start_fresh)
     db = _database(cfg, require_current=False)
     migrate.upgrade(db)
+    _refuse_unknown_commits(cfg, db, start_fresh=args.start_fresh)
     print(f"database {cfg.database_url} at revision {migrate.current_revision(db)}")
     return EXIT_OK
+
+
+def _postgres_instead(cfg: Config, command: str) -> UsageError:
+    return UsageError(
+        f"db {command}: the database is {cfg.database_url.split('@')[-1]}, not SQLite: use "
+        f"PostgreSQL's own tools (pg_dump -Fc / pg_restore, or base backups with "
+        f"pg_basebackup and WAL archiving; README 'When the database is lost')"
+    )
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    from supervisor import backup
+
+    cfg = _load(args)
+    path = _sqlite_path(cfg)
+    if path is None:
+        raise _postgres_instead(cfg, "backup")
+    if not path.exists():
+        raise UsageError(f"db backup: there is no database at {path}")
+    _require_intact(cfg)
+    now = datetime.now(UTC)
+    out = Path(args.out) if args.out else cfg.path("backups") / backup.backup_name(now)
+    try:
+        taken = backup.take(path, out, now=now)
+    except backup.BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DEGRADED
+    if not args.out:
+        backup.prune(
+            out.parent, now, hourly_h=cfg.backup.keep_hourly_h, daily_d=cfg.backup.keep_daily_d
+        )
+    if args.json:
+        _print_json(taken.as_dict())
+    else:
+        rows = ", ".join(f"{t} {n}" for t, n in taken.row_counts.items() if n)
+        print(f"backup {out} ({taken.bytes} bytes, integrity_check ok; rows: {rows})")
+    return EXIT_OK
+
+
+def cmd_db_restore(args: argparse.Namespace) -> int:
+    from supervisor import backup, dbfile, migrate, rebuild
+
+    cfg = _load(args)
+    path = _sqlite_path(cfg)
+    if path is None:
+        raise _postgres_instead(cfg, "restore")
+    source = Path(args.file)
+    with dbfile.exclusive_lock(cfg.state_dir, "db restore"):
+        try:
+            moved = backup.restore(source, path)
+        except backup.BackupError as exc:
+            print(f"error: {exc}; the database was not touched", file=sys.stderr)
+            return EXIT_DEGRADED
+        for m in moved:
+            print(f"kept the previous file as {m}")
+        db = _database(cfg, require_current=False)
+        migrate.upgrade(db)
+        found, applied = rebuild.rebuild(cfg, db)
+    taken = backup.read_backup(source)
+    when = f" taken {taken.taken_at.isoformat()}" if taken else ""
+    print(f"restored {source}{when} to {path}")
+    _print_rebuild(found, applied)
+    return EXIT_OK
+
+
+def cmd_db_rebuild(args: argparse.Namespace) -> int:
+    from supervisor import dbfile, migrate, rebuild
+
+    cfg = _load(args)
+    path = _sqlite_path(cfg)
+    lock = (
+        dbfile.exclusive_lock(cfg.state_dir, "db rebuild")
+        if path is not None
+        else contextlib.nullcontext()
+    )
+    with lock:
+        if path is not None and path.exists():
+            state = dbfile.check_integrity(path)
+            if not state.ok:
+                for m in dbfile.set_aside(path, why="corrupt"):
+                    print(f"{path} is corrupt ({state.report}): kept as {m}")
+        db = _database(cfg, require_current=False)
+        migrate.upgrade(db)
+        found, applied = rebuild.rebuild(cfg, db)
+    _print_rebuild(found, applied)
+    return EXIT_OK
+
+
+def _print_rebuild(found: Any, applied: Any) -> None:
+    kinds: dict[str, int] = {}
+    for f in found.all():
+        kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    print(
+        f"rebuilt from the products' manifests: {applied.groups_created} group(s) created, "
+        f"{applied.groups_moved} brought forward, {applied.stages} stage commit(s) "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items())) or 'none'}), "
+        f"{applied.calibration_sets} calibration set(s), {applied.events_applied} later "
+        f"change(s); incoming files seen {applied.files_seen}"
+    )
+    for p in found.legacy:
+        print(f"  no manifest (written before manifests existed): {p}")
+    print("next: contimg-supervisor check-state, then start the service")
 
 
 def cmd_db_check(args: argparse.Namespace) -> int:
@@ -313,7 +470,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = writable.workspace_problems(cfg)
     if problems:
         raise UsageError(writable.explain(problems))
+    _require_intact(cfg)
+    from supervisor import dbfile
+
+    lock = dbfile.daemon_lock(cfg.state_dir)
+    lock.__enter__()  # held for the process's life (released when it exits)
+    if args.upgrade:
+        path = _sqlite_path(cfg)
+        if path is not None and (not path.exists() or path.stat().st_size == 0):
+            _refuse_unknown_commits(cfg, None, start_fresh=args.start_fresh)
+        from supervisor import migrate
+
+        migrate.upgrade(_database(cfg, require_current=False))
     db = _database(cfg)
+    _refuse_unknown_commits(cfg, db, start_fresh=args.start_fresh)
     # One group's directories only fail that group (classified, when it gets there): say so
     # now, and keep up with the rest of the sky.
     problems = writable.open_group_problems(cfg, db)
@@ -360,10 +530,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "leftovers_killed": summary.leftovers_killed,
                 "drained": summary.drained,
                 "stalled": summary.stalled,
+                "halted": summary.halted,
             }
         ),
         flush=True,
     )
+    if summary.halted:
+        print(f"halted: {summary.halted}", file=sys.stderr)
+        return EXIT_USAGE
     if summary.stalled:
         reasons = "; ".join(f"{stage}: {', '.join(r)}" for stage, r in summary.stalled.items())
         print(f"stalled: work remains but cannot start ({reasons})", file=sys.stderr)
@@ -376,8 +550,16 @@ def cmd_health(args: argparse.Namespace) -> int:
     from supervisor import health
 
     cfg = _load(args)
-    db = _database(cfg)
-    rep = health.report(cfg, db)
+    from supervisor.dbfile import check_integrity
+
+    path = _sqlite_path(cfg)
+    state = check_integrity(path) if path is not None else None
+    if state is not None and not state.ok:
+        rep = health.corrupt_report(
+            cfg, f"{path} is corrupt: {state.report} (db restore / db rebuild: see run's message)"
+        )
+    else:
+        rep = health.report(cfg, _database(cfg))
     if args.json:
         _print_json(rep)
     else:
@@ -684,6 +866,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-attempts", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
+        "--upgrade", action="store_true", help="apply database migrations first (the unit does)"
+    )
+    p.add_argument(
+        "--start-fresh",
+        action="store_true",
+        help="start although products/ holds commits the database does not know (they go to "
+        "lost+found/, never deleted); otherwise refused: see db rebuild / db restore",
+    )
+    p.add_argument(
         "--listen",
         default=None,
         metavar="HOST:PORT",
@@ -751,9 +942,38 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("upgrade", cmd_db_upgrade, "apply migrations up to the newest revision"),
         ("check", cmd_db_check, "compare the models with the migrated schema"),
+        (
+            "backup",
+            cmd_db_backup,
+            "take a verified online backup of the SQLite database (to paths.backups)",
+        ),
+        (
+            "restore",
+            cmd_db_restore,
+            "put a verified backup in place (the old file kept aside) and bring it forward "
+            "from the products' manifests; refused while a daemon runs",
+        ),
+        (
+            "rebuild",
+            cmd_db_rebuild,
+            "rebuild the database from the products' commit manifests and the incoming "
+            "files (a corrupt file is kept aside); refused while a daemon runs",
+        ),
     ):
         sp = db_sub.add_parser(name, parents=[common], help=text, description=text)
         sp.set_defaults(func=func)
+        if name == "upgrade":
+            sp.add_argument(
+                "--start-fresh",
+                action="store_true",
+                help="create a new database although products/ holds commits it does not "
+                "know (they go to lost+found/)",
+            )
+        elif name == "backup":
+            sp.add_argument("--out", default=None, metavar="FILE", help="write it here instead")
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        elif name == "restore":
+            sp.add_argument("file", metavar="FILE", help="a backup taken by db backup")
 
     cfg = sub.add_parser("config", help="configuration commands", parents=[common])
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -782,11 +1002,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        return _environment_error(exc, args)
     except BrokenPipeError:  # e.g. `status --json | head`: not an error of ours
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+def _environment_error(exc: Exception, args: argparse.Namespace) -> int:
+    """A damaged database (any command): one message naming the file and the recovery, exit
+    2; a daemon holding the workspace (restore, rebuild): exit 2. Anything else propagates."""
+    from supervisor.dbfile import DatabaseCorrupt, WorkspaceBusy, is_corruption
+
+    if isinstance(exc, WorkspaceBusy):
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, DatabaseCorrupt):
+        print(f"error: {exc.explain()}", file=sys.stderr)
+        return EXIT_USAGE
+    if is_corruption(exc):
+        cfg = load_config(args.config, workspace=args.workspace)
+        path = _sqlite_path(cfg) or Path(cfg.database_url)
+        print(
+            f"error: {DatabaseCorrupt(path, str(exc).splitlines()[0], cfg.path('backups'))}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    raise exc
 
 
 if __name__ == "__main__":

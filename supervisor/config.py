@@ -66,6 +66,9 @@ class PathsConfig:
     tmpfs_staging: str = _field("", help="tmpfs staging directory, empty to disable")
     state: str = _field("state", help="state database and generated files")
     logs: str = _field("logs", help="log directory")
+    backups: str = _field(
+        "state/backups", help="verified backups of the SQLite database (best on another disk)"
+    )
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,19 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    """Online backups of the SQLite state database (supervisor/backup.py)."""
+
+    enabled: bool = _field(True)
+    interval_s: float = _field(3600.0, min=0, exclusive_min=True, help="backup job period")
+    keep_hourly_h: float = _field(24.0, min=0, help="keep the newest backup of each hour this long")
+    keep_daily_d: float = _field(14.0, min=0, help="keep the newest backup of each day this long")
+    stale_after_s: float = _field(
+        7200.0, min=0, exclusive_min=True, help="health: newest good backup older than this"
+    )
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     backlog_warn_s: float = _field(927.0, min=0, help="oldest runnable group: degraded beyond")
     backlog_fail_s: float = _field(3600.0, min=0, help="oldest runnable group: unhealthy beyond")
@@ -363,6 +379,7 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

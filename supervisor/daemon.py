@@ -42,7 +42,9 @@ from sqlalchemy.exc import DBAPIError
 
 from supervisor import (
     __version__,
+    backup,
     calibration,
+    dbfile,
     faults,
     health,
     metrics,
@@ -84,6 +86,9 @@ class RunSummary:
     # run --until-idle gave up: work remained, nothing ran, and admission refused it
     # (stage -> reasons) for daemon.stall_exit_s
     stalled: dict[str, list[str]] = field(default_factory=dict)
+    # Why the daemon stopped claiming for good: its database is corrupt or was removed
+    # (run exits 2: restarting cannot fix it; the operator restores or rebuilds).
+    halted: str | None = None
 
 
 @dataclass
@@ -150,6 +155,11 @@ class Daemon:
         self._state = "starting"
         self._last_status = ""
         self._waiting = 0  # pending + retry_wait groups, refreshed with the liveness row
+        # The SQLite file this daemon opened (None: PostgreSQL), and its (device, inode):
+        # a file removed or replaced under the daemon is noticed at the next loop turn.
+        self._db_path = dbfile.sqlite_file(db.url)
+        self._db_identity = dbfile.file_identity(self._db_path) if self._db_path else None
+        self._backup_lock = threading.Lock()
 
     # Start-up -------------------------------------------------------------------------
     def recover(self) -> None:
@@ -229,7 +239,7 @@ class Daemon:
                 self.listener.close()
             self._state = "stopped"
             with contextlib.suppress(Exception):
-                self._write_row("stopped")
+                self._write_row("stopped")  # (refused when halted: the file stays as it is)
             if watchdog is not None:
                 watchdog.join(timeout=5)
             log.info(
@@ -244,10 +254,24 @@ class Daemon:
             if self._reload_requested:
                 self._reload()
             self._collect_finished()
+            if self.summary.halted is None:
+                self._check_database_file()
+            if self.summary.halted is not None:
+                if until_idle:
+                    break
+                # The service stays up, claiming nothing, so /healthz and /metrics say why
+                # (the watchdog keeps being fed: the loop is alive and doing what it must).
+                self._progress_at = time.monotonic()
+                self.wake.wait(self.cfg.daemon.idle_poll_s)
+                self.wake.clear()
+                continue
             try:
                 self._heartbeat_row()
                 claimed = self._fill_slots(max_attempts)
-            except Exception:  # noqa: BLE001 - a database outage: no progress, keep trying
+            except Exception as exc:  # noqa: BLE001 - a database outage: no progress, keep trying
+                if dbfile.is_corruption(exc):
+                    self.halt("corrupt", f"database {self._db_path} is corrupt: {exc}")
+                    continue
                 log.exception("loop.database_error")
                 self.wake.wait(1.0)
                 continue
@@ -334,6 +358,8 @@ class Daemon:
                 # fault. The group stays claimed under a token no attempt holds any more;
                 # the reaper hands it back to its checkpoint.
                 log.warning("attempt.database_error", error=str(exc)[:500])
+                if dbfile.is_corruption(exc):
+                    self.halt("corrupt", f"database {self._db_path} is corrupt: {exc}")
                 state = "lost"
             except Exception as exc:  # noqa: BLE001 - one group must not stop the daemon
                 state = self._supervisor_error(claim, exc)
@@ -443,6 +469,95 @@ class Daemon:
             return "lost"
         return State.FAILED.value
 
+    # The database file ---------------------------------------------------------------------
+    def halt(self, reason: str, message: str) -> None:
+        """Stop claiming for good (the database is corrupt or gone): running workers are
+        stopped (their groups resume at their checkpoint once the database is recovered),
+        nothing more is written, and health, metrics and the log say what to run."""
+        if self.summary.halted is not None:
+            return
+        self.summary.halted = message
+        self.db.refuse_writes(message)
+        self.stop_workers.set()
+        metrics.DATABASE_HALTED.labels(reason).set(1)
+        log.critical(
+            "database.halted",
+            reason=reason,
+            message=message,
+            recover="stop the service, then `contimg-supervisor db restore BACKUP` (newest in "
+            f"{self.cfg.path('backups')}) or `contimg-supervisor db rebuild`",
+        )
+        self.notifier.status(f"halted: {message}")
+        self.wake.set()
+
+    def _check_database_file(self) -> None:
+        """The SQLite file removed or replaced under the running daemon (someone `rm`'d it):
+        save what the open connections still see into a backup, then halt."""
+        if self._db_path is None or self._db_identity is None:
+            return
+        if dbfile.file_identity(self._db_path) == self._db_identity:
+            return
+        saved = self._backup_from_open_connection()
+        self.halt(
+            "unlinked",
+            f"database {self._db_path} was removed or replaced while the daemon ran"
+            + (f"; its last state was saved to {saved}" if saved else "; it could not be saved"),
+        )
+
+    def _backup_from_open_connection(self) -> Path | None:
+        now = utcnow()
+        out = self.cfg.path("backups") / backup.backup_name(now)
+        try:
+            raw = self.db.engine.raw_connection()
+            try:
+                conn = raw.driver_connection
+                with self._backup_lock:
+                    backup.take(conn, out, now=now, source_name=f"{self._db_path} (unlinked)")
+            finally:
+                raw.close()
+        except Exception:  # noqa: BLE001 - the halt must happen whatever the backup does
+            log.exception("database.unlinked_backup_failed")
+            return None
+        return out
+
+    def _backup(self) -> None:
+        """The periodic online backup (SQLite): verified, pruned to its generations; a copy
+        that fails integrity_check means the live database is corrupt."""
+        if self._db_path is None or self.summary.halted is not None:
+            return
+        now = utcnow()
+        out = self.cfg.path("backups") / backup.backup_name(now)
+        try:
+            with self._backup_lock:
+                backup.take(self._db_path, out, now=now)
+        except backup.BackupError as exc:
+            metrics.BACKUPS.labels("failed").inc()
+            if "integrity_check" in str(exc):
+                self.halt("corrupt", f"database {self._db_path} is corrupt: {exc}")
+            log.error("backup.failed", error=str(exc)[:1000])
+            self._set_backup_age(now)
+            raise
+        except Exception as exc:
+            metrics.BACKUPS.labels("failed").inc()
+            if dbfile.is_corruption(exc):
+                self.halt("corrupt", f"database {self._db_path} is corrupt: {exc}")
+            self._set_backup_age(now)
+            raise
+        metrics.BACKUPS.labels("ok").inc()
+        removed = backup.prune(
+            out.parent,
+            now,
+            hourly_h=self.cfg.backup.keep_hourly_h,
+            daily_d=self.cfg.backup.keep_daily_d,
+        )
+        if removed:
+            log.info("backup.pruned", removed=[str(p) for p in removed])
+        self._set_backup_age(now)
+
+    def _set_backup_age(self, now: datetime) -> None:
+        age = backup.age_seconds(self.cfg.path("backups"), now)
+        metrics.BACKUP_AGE.set(float("inf") if age is None else age)
+
     # Signals ----------------------------------------------------------------------------
     def drain(self) -> None:
         """Stop claiming; running attempts get ``daemon.drain_budget_s`` to finish."""
@@ -521,6 +636,7 @@ class Daemon:
             "resource_monitor": self.cfg.resources.monitor_interval_s,
             "state_check": self.cfg.health.state_check_interval_s,
             "retention": self.cfg.retention.interval_s,
+            "backup": self.cfg.backup.interval_s,
         }
 
     def _start_jobs(self) -> None:
@@ -531,6 +647,9 @@ class Daemon:
             "state_check": self._state_check,
             "retention": self._retention,
         }
+        if self._db_path is not None and self.cfg.backup.enabled:
+            funcs["backup"] = self._backup
+            self._set_backup_age(utcnow())
         if self.ingestor is not None:
             funcs["ingest"] = self._ingest
         for name, interval in self._job_intervals().items():
@@ -674,9 +793,12 @@ class Daemon:
             paused=self.admission.paused(),
             in_flight=len(self.running),
             state=self._state,
+            halted=self.summary.halted,
         )
 
     def health_report(self) -> dict[str, object]:
+        if self.summary.halted is not None:  # the health report writes: not to this database
+            return health.corrupt_report(self.cfg, self.summary.halted)
         return health.report(self.cfg, self.db, self.live_loop())
 
     def _start_watchdog(self) -> threading.Thread | None:

@@ -95,6 +95,10 @@ def dialect_of(s: Session | Connection) -> Dialect:
     return s.dialect if isinstance(s, Connection) else s.get_bind().dialect
 
 
+class WritesRefused(Exception):
+    """The daemon halted on a damaged database: nothing may write to it any more."""
+
+
 class Database:
     """The state database: an engine plus a session factory with short transactions."""
 
@@ -110,10 +114,21 @@ class Database:
             else self.engine
         )
         self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
+        self.refused: str | None = None
+
+    def refuse_writes(self, reason: str) -> None:
+        """From now on every transaction raises :class:`WritesRefused` (a damaged database
+        is left exactly as it is for recovery); reads stay possible."""
+        self.refused = reason
+
+    def _writable(self) -> None:
+        if self.refused is not None:
+            raise WritesRefused(self.refused)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One short transaction: commit on success, roll back on any exception."""
+        self._writable()
         with self._sessions() as session, session.begin():
             yield session
 
@@ -124,6 +139,7 @@ class Database:
         identity map and per-statement ORM dispatch (a one-statement transaction took
         0.22 ms this way and 0.63 ms in a session, measured here). Commits on success, rolls
         back on any exception."""
+        self._writable()
         with self.engine.begin() as conn:
             yield conn
 

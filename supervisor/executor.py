@@ -24,7 +24,7 @@ from sqlalchemy import Connection, bindparam, delete, insert, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from supervisor import calibration, faults, gates, metrics, registry
+from supervisor import calibration, faults, gates, manifest, metrics, registry
 from supervisor.calibration import CalibrationPlan
 from supervisor.casaenv import casa_environment, write_site_config
 from supervisor.config import Config
@@ -63,6 +63,9 @@ _INSERT_ASSESSMENT = insert(QualityAssessment.__table__)
 _DELETE_ARTIFACTS = delete(Artifact.__table__).where(
     Artifact.__table__.c.group_id == bindparam("group_id"),
     Artifact.__table__.c.stage == bindparam("stage"),
+)
+_GROUP_IDENTITY = select(*(Group.__table__.c[name] for name in manifest.GROUP_FIELDS)).where(
+    Group.__table__.c.group_id == bindparam("group_id")
 )
 _EARLIER_ARTIFACTS = select(Artifact.__table__.c.id, Artifact.__table__.c.path).where(
     Artifact.__table__.c.group_id == bindparam("group_id"),
@@ -428,6 +431,7 @@ class StageExecutor:
             "fallback_tier": 0,
             "crash_count": 0,
         }
+        tier_name = self._tier_name(claim)
         with self.db.core() as s:
             now = self.leases.now(s)
             if following is None:
@@ -447,38 +451,57 @@ class StageExecutor:
                 message=f"{claim.stage} committed"
                 + ("; group complete" if following is None else ""),
             )
+            # The rows, then the manifest of what they record, then the rename: the rename
+            # is the last step before the commit (and publishes the manifest with the files).
+            s.execute(_DELETE_ARTIFACTS, {"group_id": claim.group_id, "stage": claim.stage})
+            entries = manifest.artifact_entries(paths.output_dir, result.get("artifacts", []))
+            rows = [
+                {
+                    "group_id": claim.group_id,
+                    "attempt_id": attempt_id,
+                    "stage": claim.stage,
+                    "kind": entry["kind"],
+                    "path": str(paths.final_dir / entry["path"]),
+                    "bytes": entry["bytes"],
+                    "created_at": now,
+                }
+                for entry in entries
+            ]
+            if rows:
+                s.execute(_INSERT_ARTIFACT, rows)
+            _finish_attempt_row(s, attempt_id, "succeeded", outcome, None, now)
+            resized: dict[str, int] = {}
+            if claim.stage in WRITES_INTO:
+                resized = _record_new_sizes(s, claim.group_id, *WRITES_INTO[claim.stage])
+            gate = self._record_gate(s, claim, attempt_id, now)
+            cal_set = self._on_commit(s, claim, result, paths, now)
+            group_row = s.execute(_GROUP_IDENTITY, {"group_id": claim.group_id}).one()
+            manifest.write(
+                paths.output_dir,
+                manifest.build(
+                    group=manifest.group_snapshot(dict(group_row._mapping)),
+                    stage=claim.stage,
+                    fencing_token=claim.fencing_token,
+                    attempt=claim.attempt,
+                    tier=claim.tier,
+                    tier_name=tier_name,
+                    committed_at=now,
+                    next_stage=following.value if following else None,
+                    result=result,
+                    artifacts=entries,
+                    gate=gate,
+                    calibration_set=cal_set,
+                    workdir=str(paths.workdir),
+                    resized=resized,
+                ),
+            )
             published = publish(paths.output_dir, paths.final_dir)
-            faults.point("between_rename_and_commit")
             try:
-                s.execute(_DELETE_ARTIFACTS, {"group_id": claim.group_id, "stage": claim.stage})
-                rows = [
-                    {
-                        "group_id": claim.group_id,
-                        "attempt_id": attempt_id,
-                        "stage": claim.stage,
-                        "kind": str(art.get("kind", "output")),
-                        "path": str(paths.final_dir / art["path"]),
-                        "bytes": artifact_size(paths.final_dir / art["path"]),
-                        "created_at": now,
-                    }
-                    for art in result.get("artifacts", [])
-                ]
-                if rows:
-                    s.execute(_INSERT_ARTIFACT, rows)
-                _finish_attempt_row(s, attempt_id, "succeeded", outcome, None, now)
-                if claim.stage in WRITES_INTO:
-                    _record_new_sizes(s, claim.group_id, *WRITES_INTO[claim.stage])
-                self._record_gate(s, claim, attempt_id, now)
-                self._on_commit(s, claim, result, paths, now)
+                faults.point("between_rename_and_commit")
             except BaseException:
                 published.undo()
                 raise
         published.discard_previous()
-        tier_name = (
-            self.cfg.stages[claim.stage]
-            .tiers[min(claim.tier, len(self.cfg.stages[claim.stage].tiers) - 1)]
-            .name
-        )
         metrics.FALLBACK.labels(claim.stage, tier_name).inc()
         _observe(claim.stage, outcome)
         bound.info(
@@ -574,23 +597,31 @@ class StageExecutor:
         )
         return to.value
 
-    def _record_gate(self, s: Any, claim: Claim, attempt_id: int, now: datetime) -> None:
+    def _tier_name(self, claim: Claim) -> str:
+        tiers = self.cfg.stages[claim.stage].tiers
+        return tiers[min(claim.tier, len(tiers) - 1)].name
+
+    def _record_gate(
+        self, s: Any, claim: Claim, attempt_id: int, now: datetime
+    ) -> dict[str, Any] | None:
+        """The gate's verdict as a QA row (and metrics); returns the row's values."""
         gate = self._gate_results.pop(claim.key, None)
-        if gate is not None:
-            metrics.GATE_VERDICTS.labels(claim.stage, gate.verdict).inc()
-            metrics.GATE_SCORE.labels(claim.stage).observe(gate.score)
-            s.execute(
-                _INSERT_ASSESSMENT,
-                dict(
-                    group_id=claim.group_id,
-                    attempt_id=attempt_id,
-                    stage=claim.stage,
-                    score=gate.score,
-                    verdict=gate.verdict,
-                    metrics=gate.as_dict()["metrics"],
-                    created_at=now,
-                ),
-            )
+        if gate is None:
+            return None
+        metrics.GATE_VERDICTS.labels(claim.stage, gate.verdict).inc()
+        metrics.GATE_SCORE.labels(claim.stage).observe(gate.score)
+        row = {"score": gate.score, "verdict": gate.verdict, "metrics": gate.as_dict()["metrics"]}
+        s.execute(
+            _INSERT_ASSESSMENT,
+            dict(
+                group_id=claim.group_id,
+                attempt_id=attempt_id,
+                stage=claim.stage,
+                created_at=now,
+                **row,
+            ),
+        )
+        return row
 
     def _on_commit(
         self,
@@ -599,16 +630,17 @@ class StageExecutor:
         result: dict[str, Any],
         paths: AttemptPaths,
         now: datetime,
-    ) -> None:
+    ) -> dict[str, Any] | None:
         """Stage-specific rows that must commit with the stage: products (Core) and
-        calibration sets (ORM objects, in a session that joins the transaction on ``conn``)."""
+        calibration sets (ORM objects, in a session that joins the transaction on ``conn``).
+        Returns the calibration set registered (its manifest entry), if any."""
         metrics = result.get("metrics", {})
         own_solve = metrics.get("calibration_tier") in (None, "self")
         solved = claim.stage == Stage.CALIBRATE and metrics.get("mode") == "solve" and own_solve
         if claim.stage == Stage.REGISTER:
             registry.register_products(conn, claim.group_id, now)
         if not solved:
-            return
+            return None
         with Session(bind=conn) as s:  # joins the commit's transaction
             group = s.get(Group, claim.group_id)
             tables = {a["kind"]: paths.final_dir / a["path"] for a in result.get("artifacts", [])}
@@ -623,6 +655,24 @@ class StageExecutor:
                 calibrator=cal_set.calibrator,
                 released=released,
             )
+            return {
+                "id": cal_set.id,
+                "calibrator": cal_set.calibrator,
+                "solved_at": cal_set.solved_at.isoformat(),
+                "valid_from": cal_set.valid_from.isoformat(),
+                "valid_until": cal_set.valid_until.isoformat(),
+                "status": cal_set.status,
+                "status_reason": cal_set.status_reason,
+                "metrics": cal_set.metrics,
+                "tables": [
+                    {
+                        "kind": t.kind,
+                        "path": str(Path(t.path).relative_to(paths.final_dir)),
+                        "interp": t.interp,
+                    }
+                    for t in cal_set.tables
+                ],
+            }
 
     def _release_for_shutdown(
         self, claim: Claim, attempt_id: int, outcome: RunOutcome, bound: Any
@@ -765,14 +815,17 @@ def _finish_attempt_row(
     s.execute(stmt, update_params({"id": attempt_id}, values))
 
 
-def _record_new_sizes(s: Any, group_id: str, stage: str, kind: str) -> None:
+def _record_new_sizes(s: Any, group_id: str, stage: str, kind: str) -> dict[str, int]:
     """Record the current size of ``group_id``'s committed ``stage`` outputs of ``kind``
-    (a later stage wrote into them; see WRITES_INTO)."""
+    (a later stage wrote into them; see WRITES_INTO); returns path -> bytes."""
     update = prepared_update(Artifact.__table__, ("id",), ("bytes",))
+    sizes = {}
     for artifact_id, path in s.execute(
         _EARLIER_ARTIFACTS, {"group_id": group_id, "stage": stage, "kind": kind}
     ).all():
-        s.execute(update, update_params({"id": artifact_id}, {"bytes": artifact_size(Path(path))}))
+        sizes[path] = artifact_size(Path(path))
+        s.execute(update, update_params({"id": artifact_id}, {"bytes": sizes[path]}))
+    return sizes
 
 
 def _observe(stage: str, outcome: RunOutcome) -> None:

@@ -51,6 +51,7 @@ class LiveLoop:
     paused: dict[str, list[str]]
     in_flight: int
     state: str
+    halted: str | None = None  # why the daemon stopped claiming (its database is damaged)
 
 
 def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str, Any]:
@@ -80,6 +81,7 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
     checks.append(_intake(live, record))
     checks += _disk(cfg)
     checks.append(_writable(cfg))
+    checks += _database_file(cfg, live)
     worst = max((c.status for c in checks), key=LEVELS.__getitem__)
     return {
         "status": worst,
@@ -87,6 +89,47 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
         "at": now.isoformat() if now else None,
         "checks": [c.as_dict() for c in checks],
     }
+
+
+def corrupt_report(cfg: Config, detail: str) -> dict[str, Any]:
+    """The report for a database that must not be opened (``health`` checked it first)."""
+    node = cfg.daemon.node_name or socket.gethostname()
+    check = Check("database", "unhealthy", detail)
+    return {"status": "unhealthy", "node": node, "at": None, "checks": [check.as_dict()]}
+
+
+def _database_file(cfg: Config, live: LiveLoop | None) -> list[Check]:
+    """SQLite only: the daemon's halt (corrupt, or its file removed), and the age of the
+    newest verified backup against backup.stale_after_s."""
+    from supervisor import backup, dbfile
+
+    path = dbfile.sqlite_file(cfg.database_url)
+    if path is None:
+        return []
+    checks = []
+    if live is not None and live.halted:
+        checks.append(Check("database_file", "unhealthy", live.halted))
+    elif not path.exists():
+        checks.append(Check("database_file", "unhealthy", f"{path} is missing"))
+    if cfg.backup.enabled:
+        newest = backup.newest(cfg.path("backups"))
+        if newest is None:
+            checks.append(
+                Check("backup", "degraded", f"no verified backup in {cfg.path('backups')}")
+            )
+        else:
+            age = (datetime.now(newest.taken_at.tzinfo) - newest.taken_at).total_seconds()
+            limit = cfg.backup.stale_after_s
+            checks.append(
+                Check(
+                    "backup",
+                    "ok" if age <= limit else "degraded",
+                    f"newest verified backup {newest.path.name}, {age:.0f} s old "
+                    f"(limit {limit:g} s)",
+                    age,
+                )
+            )
+    return checks
 
 
 def exit_code(rep: dict[str, Any]) -> int:

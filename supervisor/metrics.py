@@ -103,6 +103,20 @@ CHECK_FINDINGS = Gauge(
     "Database/disk disagreements found by the last state check",
     ["kind"],
 )
+DATABASE_HALTED = Gauge(
+    "contimg_database_halted",
+    "1 while the daemon has stopped claiming because its SQLite database is corrupt or its "
+    "file was removed under it (reason); the database is left untouched for recovery",
+    ["reason"],
+)
+BACKUP_AGE = Gauge(
+    "contimg_database_backup_age_seconds",
+    "Age of the newest verified backup of the SQLite database (+Inf: none)",
+)
+BACKUPS = Counter(
+    "contimg_database_backups_total", "Online backups taken by the backup job", ["result"]
+)
+DATABASE_HALT_REASONS = ("corrupt", "unlinked")
 RESOURCE_RESOURCES = ("memory", "disk", "file descriptors")
 
 

@@ -9,15 +9,19 @@ its commit); groups running past their lease; attempts ``running`` whose owner i
 Repaired (``--repair``; a dry run is the default): a group whose outputs are damaged is
 requeued from the earliest stage whose outputs are not intact; a calibration set whose
 tables vanished is marked unusable (targets then fall back like any missing calibration);
-orphaned staging and unowned product directories are removed; expired leases are reaped;
-orphaned attempt rows are closed. Never touched: raw incoming files, and any registered
-product (pruned artifacts are expected to be gone and are not findings).
+orphaned staging areas are removed; an unowned product directory whose commit manifest is
+trustworthy (rebuild.py) is adopted into the database, any other is moved to
+``lost+found/<date>/`` at the workspace's top level, never deleted; expired leases are
+reaped; orphaned attempt rows are closed. Never touched: raw incoming files, and any
+registered product (pruned artifacts are expected to be gone and are not findings).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -206,34 +210,114 @@ def _orphan_dirs(cfg: Config, db: Database, repair: bool) -> list[Finding]:
                         repair,
                     )
                 )
-    products = cfg.path("products")
-    if products.is_dir():
-        for group_dir in sorted(p for p in products.iterdir() if p.is_dir()):
-            if group_dir.name in running:
-                continue
-            for stage_dir in sorted(p for p in group_dir.iterdir() if p.is_dir()):
-                if (group_dir.name, stage_dir.name) in owned:
-                    continue
-                why = (
-                    "left by a replaced stage"
-                    if ".replaced-" in stage_dir.name or stage_dir.name.endswith(".incoming")
-                    else "no artifact row owns it (a daemon died between the rename and the "
-                    "commit?)"
-                )
-                found.append(
-                    _remove(
-                        Finding(
-                            "orphan_product_dir",
-                            f"product directory {stage_dir}: {why}",
-                            "remove it (nothing registered refers to it)",
-                            group_id=group_dir.name,
-                            path=str(stage_dir),
-                        ),
-                        stage_dir,
-                        repair,
-                    )
-                )
+    found += _unowned_products(cfg, db, owned, running, repair)
     return found
+
+
+def _unowned_products(
+    cfg: Config,
+    db: Database,
+    owned: set[tuple[str, str]],
+    running: set[str],
+    repair: bool,
+) -> list[Finding]:
+    """Product directories no artifact row owns: adopted when their manifest is a trusted
+    commit the database does not know (rebuild.survey), otherwise moved to lost+found."""
+    from supervisor import rebuild
+
+    products = cfg.path("products")
+    if not products.is_dir():
+        return []
+    unowned = [
+        stage_dir
+        for group_dir in sorted(p for p in products.iterdir() if p.is_dir())
+        if group_dir.name not in running
+        for stage_dir in sorted(p for p in group_dir.iterdir() if p.is_dir())
+        if (group_dir.name, stage_dir.name) not in owned
+    ]
+    if not unowned:
+        return []
+    adoptable = {
+        f.manifest.directory: f for f in rebuild.survey(cfg, db, skip_completed=True).all()
+    }
+    found: list[Finding] = []
+    for stage_dir in unowned:
+        group_dir = stage_dir.parent
+        commit = adoptable.get(stage_dir)
+        if commit is not None:
+            found.append(
+                Finding(
+                    "orphan_product_dir",
+                    f"product directory {stage_dir}: a committed {commit.manifest.stage} "
+                    f"(token {commit.manifest.fencing_token}, {commit.kind}) the database "
+                    "does not know",
+                    "adopt it from its commit manifest (db rebuild does the same)",
+                    group_id=group_dir.name,
+                    path=str(stage_dir),
+                )
+            )
+            continue
+        why = (
+            "left by a replaced stage"
+            if ".replaced-" in stage_dir.name or stage_dir.name.endswith(".incoming")
+            else "no artifact row owns it and no trustworthy commit manifest describes it"
+        )
+        finding = Finding(
+            "orphan_product_dir",
+            f"product directory {stage_dir}: {why}",
+            f"move it to {lost_and_found(cfg)} (never deleted)",
+            group_id=group_dir.name,
+            path=str(stage_dir),
+        )
+        if repair:
+            finding.repaired = bool(move_to_lost_and_found(cfg, [stage_dir]))
+        found.append(finding)
+    if repair:
+        adopt = [
+            f for f in adoptable.values() if any(x.path == str(f.manifest.directory) for x in found)
+        ]
+        if adopt:
+            rebuild.apply(cfg, db, _with_chains(adopt, adoptable), why="check-state --repair")
+            done = {str(f.manifest.directory) for f in adopt}
+            for f in found:
+                if f.path in done:
+                    f.repaired = True
+    return found
+
+
+def _with_chains(chosen: list[Any], every: dict[Path, Any]) -> list[Any]:
+    """A stage is only adopted with the stages before it that are also unknown (a chain)."""
+    groups = {f.manifest.group_id for f in chosen}
+    return [f for f in every.values() if f.manifest.group_id in groups]
+
+
+def lost_and_found(cfg: Config, now: datetime | None = None) -> Path:
+    """``<workspace>/lost+found/<UTC date>``: where product directories nothing accounts
+    for go (outside products/, so no scan mistakes them for products)."""
+    day = (now or datetime.now(UTC)).strftime("%Y-%m-%d")
+    return Path(cfg.workspace) / "lost+found" / day
+
+
+def move_to_lost_and_found(cfg: Config, directories: Iterable[Path]) -> list[Path]:
+    """Rename each directory to lost+found/<date>/<group>/<name> (another name when taken);
+    returns the new places. A rename, so a directory on another filesystem stays put."""
+    target_root = lost_and_found(cfg)
+    moved = []
+    for directory in directories:
+        target = target_root / directory.parent.name / directory.name
+        n = 1
+        while target.exists():
+            target = target_root / directory.parent.name / f"{directory.name}.{n}"
+            n += 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.rename(target)
+        except OSError as exc:
+            log.error("lost_and_found.not_moved", path=str(directory), error=str(exc)[:300])
+            continue
+        log.warning("lost_and_found.moved", path=str(directory), to=str(target))
+        moved.append(target)
+    return moved
 
 
 def _remove(finding: Finding, path: Path, repair: bool) -> Finding:
