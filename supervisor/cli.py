@@ -591,6 +591,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_DEGRADED
 
 
+def _products(args: argparse.Namespace) -> Path:
+    return load_config(args.config, workspace=args.workspace).path("products")
+
+
 def _operator(args: argparse.Namespace, action: Any) -> int:
     from supervisor.operator import OperatorError
 
@@ -614,7 +618,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_requeue(args: argparse.Namespace) -> int:
     from supervisor.operator import requeue_group
 
-    return _operator(args, lambda db: requeue_group(db, args.group, args.from_stage))
+    return _operator(
+        args,
+        lambda db: requeue_group(db, args.group, args.from_stage, products=_products(args)),
+    )
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -714,7 +721,10 @@ def cmd_calibration_retire(args: argparse.Namespace) -> int:
 
     try:
         info = _calibration_call(
-            args, lambda db: retire_calibration_set(db, args.set_id, args.reason)
+            args,
+            lambda db: retire_calibration_set(
+                db, args.set_id, args.reason, products=_products(args)
+            ),
         )
     except _Refused:
         return EXIT_DEGRADED

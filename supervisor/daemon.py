@@ -53,7 +53,7 @@ from supervisor import (
     writable,
 )
 from supervisor.config import Config, load_config
-from supervisor.db import Database
+from supervisor.db import Database, WritesRefused
 from supervisor.errors import Category, ConfigError, Failure
 from supervisor.executor import StageExecutor
 from supervisor.ingest import Ingestor
@@ -353,6 +353,11 @@ class Daemon:
         ):
             try:
                 state = self.executor.execute(claim, threads=threads)
+            except WritesRefused:
+                # Halted on a damaged database: the group resumes at its checkpoint once
+                # the database is recovered (its worker was stopped).
+                log.warning("attempt.not_recorded_database_halted")
+                state = "lost"
             except DBAPIError as exc:
                 # The database failed (locked past its timeout, gone): not the group's
                 # fault. The group stays claimed under a token no attempt holds any more;

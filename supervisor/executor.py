@@ -31,7 +31,7 @@ from supervisor.config import Config
 from supervisor.db import Database, is_sqlite, prepared_update, update_params
 from supervisor.errors import Failure
 from supervisor.leases import Claim, Leases
-from supervisor.models import Artifact, Group, QualityAssessment, StageAttempt
+from supervisor.models import Artifact, CalibrationSet, Group, QualityAssessment, StageAttempt
 from supervisor.policy import Action, Classifier, Decision, Evidence, decide
 from supervisor.postconditions import check_artifacts_by_kind
 from supervisor.reconcile import artifact_size
@@ -521,6 +521,7 @@ class StageExecutor:
         bound: Any,
         plan: CalibrationPlan | None = None,
     ) -> str:
+        invalidated = None
         with self.db.transaction() as s:
             try:
                 group = self._locked_group(s, claim)
@@ -534,6 +535,7 @@ class StageExecutor:
                 and failure.code in calibration.DAMAGED_SET_CODES
                 and calibration.invalidate_damaged_set(s, plan.set_id, failure.message)
             ):
+                invalidated = s.get(CalibrationSet, plan.set_id)
                 bound.error(
                     "calibration.set_invalidated", set_id=plan.set_id, reason=failure.message
                 )
@@ -583,6 +585,15 @@ class StageExecutor:
                 set_fields=fields,
                 message=decision.failure.message
                 + (f" [{decision.reason}]" if decision.reason else ""),
+            )
+        if invalidated is not None:
+            manifest.record_calibration_status(
+                self.cfg.path("products"),
+                invalidated.group_id,
+                invalidated.id,
+                invalidated.status,
+                invalidated.status_reason,
+                now,
             )
         metrics.FAILURES.labels(claim.stage, str(failure.category), decision.failure.code).inc()
         _observe(claim.stage, outcome)

@@ -215,6 +215,21 @@ def record_event(products: Path, group_id: str, stage: str, event: dict[str, Any
     return True
 
 
+def record_calibration_status(
+    products: Path, set_group_id: str, set_id: int, status: str, reason: str | None, at: datetime
+) -> bool:
+    """A calibration set's status changed (retired, invalid): say so in the manifest of the
+    calibrate stage that registered it."""
+    event = {
+        "event": "calibration_status",
+        "set_id": set_id,
+        "status": status,
+        "reason": reason,
+        "at": at,
+    }
+    return record_event(products, set_group_id, "calibrate", event)
+
+
 def stage_directories(products: Path) -> list[Path]:
     """Every committed-looking stage directory ``products/<group>/<stage>`` (never
     ``.replaced-*`` or ``.incoming`` ones, nor hidden files)."""

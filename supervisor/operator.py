@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from supervisor import manifest
 from supervisor.db import Database
 from supervisor.errors import Category, Failure
 from supervisor.leases import database_now
@@ -197,9 +198,37 @@ def requeue_group(
     now: datetime | None = None,
     actor: Actor | None = None,
     reason: str | None = None,
+    products: Path | None = None,
 ) -> Group:
     """Send a group that is not running back to ``from_stage`` (which must not lie beyond
-    its last committed stage)."""
+    its last committed stage). The commit manifests of ``from_stage`` and later (under
+    ``products``) are marked superseded, so that a rebuild does not bring them back."""
+    group = _requeue(db, group_id, from_stage, now=now, actor=actor, reason=reason)
+    if products is not None:
+        start = STAGE_ORDER.index(Stage(from_stage))
+        for stage in STAGE_ORDER[start:]:
+            manifest.record_event(
+                products,
+                group_id,
+                stage.value,
+                {
+                    "event": "superseded",
+                    "at": group.updated_at,
+                    "why": reason or f"requeue from {from_stage}",
+                },
+            )
+    return group
+
+
+def _requeue(
+    db: Database,
+    group_id: str,
+    from_stage: str,
+    *,
+    now: datetime | None,
+    actor: Actor | None,
+    reason: str | None,
+) -> Group:
     message = reason or f"operator requeue from {from_stage}"
     try:
         stage = Stage(from_stage)
@@ -348,7 +377,12 @@ def calibration_set(db: Database, set_id: int) -> dict[str, Any]:
 
 
 def retire_calibration_set(
-    db: Database, set_id: int, reason: str, *, actor: Actor | None = None
+    db: Database,
+    set_id: int,
+    reason: str,
+    *,
+    actor: Actor | None = None,
+    products: Path | None = None,
 ) -> dict[str, Any]:
     """Never choose this set again (targets fall back to other sets); returns the set with
     the completed groups that used it, which an operator may want to ``requeue``."""
@@ -362,6 +396,11 @@ def retire_calibration_set(
         cal_set.status = "retired"
         cal_set.status_reason = f"retired by {who}: {reason}"
         out = _set_summary(s, cal_set)
+        when, set_group = database_now(s), cal_set.group_id
+    if products is not None:
+        manifest.record_calibration_status(
+            products, set_group, set_id, "retired", out["status_reason"], when
+        )
     completed = []
     with db.transaction() as s:
         for gid in out["used_by"]:

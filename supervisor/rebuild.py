@@ -270,7 +270,7 @@ def _apply_group(
             group_id=group_id,
             obs_start=_as_datetime(snap["obs_start"]),
             state=state,
-            stage=following,
+            stage=following or last.stage,
             pointing_dec_deg=snap.get("pointing_dec_deg"),
             is_calibrator=bool(snap.get("is_calibrator")),
             calibrator_name=snap.get("calibrator_name"),
@@ -299,7 +299,7 @@ def _apply_group(
             .values(outcome="abandoned", finished_at=now, error_message=f"{why}: ended")
         )
         group.state = state
-        group.stage = following
+        group.stage = following or last.stage
         group.fencing_token = max(group.fencing_token, last.fencing_token)
         group.lease_owner = group.lease_expires_at = group.next_attempt_at = None
         group.attempt = group.crash_count = group.fallback_tier = 0
@@ -318,7 +318,7 @@ def _apply_group(
             group_id=group_id,
             from_state=from_state,
             to_state=state,
-            stage=following,
+            stage=following or last.stage,
             at=now,
             attempt=0,
             fencing_token=group.fencing_token,

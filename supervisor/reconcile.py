@@ -18,6 +18,7 @@ registered product (pruned artifacts are expected to be gone and are not finding
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from supervisor import manifest
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.leases import Leases, Owner, database_now
@@ -89,7 +91,7 @@ def check_state(
     """Compare the database with the disk; with ``repair``, fix what is safe (module doc)."""
     findings: list[Finding] = []
     findings += _outputs(cfg, db, repair)
-    findings += _caltables(db, repair)
+    findings += _caltables(cfg, db, repair)
     findings += _orphan_dirs(cfg, db, repair)
     findings += _leases_and_attempts(cfg, db, repair, leases)
     for f in findings:
@@ -129,7 +131,11 @@ def _outputs(cfg: Config, db: Database, repair: bool) -> list[Finding]:
     if repair:
         for group_id, stage in damaged.items():
             ok = _requeue(
-                db, group_id, stage, "; ".join(f.detail for f in found if f.group_id == group_id)
+                db,
+                group_id,
+                stage,
+                "; ".join(f.detail for f in found if f.group_id == group_id),
+                cfg.path("products"),
             )
             for f in found:
                 if f.group_id == group_id:
@@ -137,12 +143,19 @@ def _outputs(cfg: Config, db: Database, repair: bool) -> list[Finding]:
     return found
 
 
-def _requeue(db: Database, group_id: str, stage: str, why: str) -> bool:
+def _requeue(db: Database, group_id: str, stage: str, why: str, products: Path) -> bool:
     """Send the group back to ``stage`` (its outputs from there on are rebuilt)."""
     from supervisor.operator import OperatorError, requeue_group
 
     try:
-        requeue_group(db, group_id, stage, actor=REPAIR_ACTOR, reason=f"check-state: {why}")
+        requeue_group(
+            db,
+            group_id,
+            stage,
+            actor=REPAIR_ACTOR,
+            reason=f"check-state: {why}",
+            products=products,
+        )
         return True
     except (OperatorError, StaleTransition) as exc:
         log.warning("state_check.requeue_refused", group_id=group_id, error=str(exc))
@@ -150,9 +163,11 @@ def _requeue(db: Database, group_id: str, stage: str, why: str) -> bool:
 
 
 # Calibration tables -----------------------------------------------------------------------
-def _caltables(db: Database, repair: bool) -> list[Finding]:
+def _caltables(cfg: Config, db: Database, repair: bool) -> list[Finding]:
     found = []
+    marked: list[tuple[str, int, str]] = []
     with db.transaction() as s:
+        now = database_now(s)
         for cal_set in s.scalars(select(CalibrationSet).where(CalibrationSet.status == "valid")):
             gone = [t for t in cal_set.tables if not Path(t.path).exists()]
             if not gone:
@@ -168,8 +183,13 @@ def _caltables(db: Database, repair: bool) -> list[Finding]:
             if repair:
                 cal_set.status = "invalid"
                 cal_set.status_reason = f"check-state: tables missing: {names}"
+                marked.append((cal_set.group_id, cal_set.id, cal_set.status_reason))
                 f.repaired = True
             found.append(f)
+    for group_id, set_id, reason in marked:
+        manifest.record_calibration_status(
+            cfg.path("products"), group_id, set_id, "invalid", reason, now
+        )
     return found
 
 
@@ -317,6 +337,8 @@ def move_to_lost_and_found(cfg: Config, directories: Iterable[Path]) -> list[Pat
             continue
         log.warning("lost_and_found.moved", path=str(directory), to=str(target))
         moved.append(target)
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()  # the group's directory, when nothing else is left in it
     return moved
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 from sqlalchemy import select
 
-from supervisor import metrics
+from supervisor import manifest, metrics
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.leases import database_now
@@ -36,6 +36,25 @@ class Pruned:
     path: str
     bytes: int
     rule: str
+
+
+def _record_pruned(products_root: Path, item: Pruned, now: datetime) -> None:
+    path = Path(item.path)
+    try:
+        stage_dir = next(p for p in path.parents if p.parent.parent == products_root)
+    except StopIteration:
+        return
+    manifest.record_event(
+        products_root,
+        stage_dir.parent.name,
+        stage_dir.name,
+        {
+            "event": "pruned",
+            "artifact": str(path.relative_to(stage_dir)),
+            "rule": item.rule,
+            "at": now,
+        },
+    )
 
 
 def apply_retention(cfg: Config, db: Database, now: datetime | None = None) -> list[Pruned]:
@@ -78,6 +97,8 @@ def apply_retention(cfg: Config, db: Database, now: datetime | None = None) -> l
             if Path(a.path).exists()
         ]
     for item in out:
+        # The manifest first: a rebuild must not call the pruned MS missing (and requeue).
+        _record_pruned(products_root, item, now)
         shutil.rmtree(item.path, ignore_errors=True)
         metrics.PRUNED.labels(item.rule).inc()
         metrics.PRUNED_BYTES.labels(item.rule).inc(item.bytes)
