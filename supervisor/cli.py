@@ -473,12 +473,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _require_intact(cfg)
     from supervisor import dbfile
 
-    lock = dbfile.daemon_lock(cfg.state_dir)
-    lock.__enter__()  # held for the process's life (released when it exits)
+    dbfile.hold_daemon_lock(cfg.state_dir)  # for the process's life: db restore waits
+    path = _sqlite_path(cfg)
+    if path is not None and (not path.exists() or path.stat().st_size == 0):
+        # Before any "run db upgrade" message: a lost database over a populated workspace.
+        _refuse_unknown_commits(cfg, None, start_fresh=args.start_fresh)
     if args.upgrade:
-        path = _sqlite_path(cfg)
-        if path is not None and (not path.exists() or path.stat().st_size == 0):
-            _refuse_unknown_commits(cfg, None, start_fresh=args.start_fresh)
         from supervisor import migrate
 
         migrate.upgrade(_database(cfg, require_current=False))

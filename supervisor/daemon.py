@@ -160,6 +160,10 @@ class Daemon:
         self._db_path = dbfile.sqlite_file(db.url)
         self._db_identity = dbfile.file_identity(self._db_path) if self._db_path else None
         self._backup_lock = threading.Lock()
+        for reason in metrics.DATABASE_HALT_REASONS:  # exported from the start, at 0
+            metrics.DATABASE_HALTED.labels(reason).set(0)
+        for result in ("ok", "failed"):
+            metrics.BACKUPS.labels(result)
 
     # Start-up -------------------------------------------------------------------------
     def recover(self) -> None:

@@ -180,14 +180,21 @@ def lock_path(state_dir: Path) -> Path:
     return state_dir / "daemon.lock"
 
 
-@contextlib.contextmanager
-def daemon_lock(state_dir: Path) -> Iterator[None]:
-    """Held (shared: several daemons may share a workspace's database) for a daemon's life.
-    A file lock, not a database row: the database may be the thing that is broken."""
+def hold_daemon_lock(state_dir: Path) -> int:
+    """Take the workspace's lock shared (several daemons may share a workspace's database)
+    and return its descriptor: held until it is closed, or the process ends. A file lock,
+    not a database row: the database may be the thing that is broken."""
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path(state_dir), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextlib.contextmanager
+def daemon_lock(state_dir: Path) -> Iterator[None]:
+    """:func:`hold_daemon_lock` for the length of a ``with`` block."""
+    fd = hold_daemon_lock(state_dir)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)  # releases the lock

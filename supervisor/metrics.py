@@ -111,7 +111,8 @@ DATABASE_HALTED = Gauge(
 )
 BACKUP_AGE = Gauge(
     "contimg_database_backup_age_seconds",
-    "Age of the newest verified backup of the SQLite database (+Inf: none)",
+    "Age of the newest verified backup of the SQLite database (+Inf: none; 0 where the "
+    "daemon takes none: PostgreSQL, or backup.enabled = false)",
 )
 BACKUPS = Counter(
     "contimg_database_backups_total", "Online backups taken by the backup job", ["result"]

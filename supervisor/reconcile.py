@@ -198,9 +198,18 @@ def _orphan_dirs(cfg: Config, db: Database, repair: bool) -> list[Finding]:
     found: list[Finding] = []
     with db.transaction() as s:
         live = live_staging_areas(s)
+        # A stage directory is owned by its artifact rows, or by its committed attempt (a
+        # stage may declare no artifacts).
         owned = {
             (group_id, stage)
             for group_id, stage in s.execute(select(Artifact.group_id, Artifact.stage)).all()
+        } | {
+            (group_id, stage)
+            for group_id, stage in s.execute(
+                select(StageAttempt.group_id, StageAttempt.stage).where(
+                    StageAttempt.outcome == "succeeded"
+                )
+            ).all()
         }
         # A group running under a live lease may be publishing right now: leave it alone.
         running = set(

@@ -521,3 +521,74 @@ def test_the_survey_distrusts_broken_chains_and_foreign_directories(
     manifest.write(products / GROUPS[0] / "image", data)
     found = rebuild.survey(cfg, None)
     assert [f.manifest.stage for f in found.all()] == ["preflight", "convert", "calibrate"]
+
+
+# PostgreSQL -------------------------------------------------------------------------------
+@pytest.mark.postgres
+def test_on_postgresql_backup_names_pg_tools_and_rebuild_works(
+    workspace: Path, postgres_url: str, postgres_server: str
+) -> None:
+    from tests.conftest import _pg_url
+
+    cfg = fake_pipeline_config(workspace, settings={"database": {"url": postgres_url}})
+    db = Database(cfg.database_url, busy_timeout_ms=5000)
+    migrate.upgrade(db)
+    for i, gid in enumerate(GROUPS):
+        add_pending_group(db, gid, calibrator="3C48" if i == 0 else None)
+    run_all(cfg, db)
+    before = snapshot(db)
+    for args in (("db", "backup"), ("db", "restore", "x.sqlite3")):
+        out = cli(cfg, *args)
+        assert out.returncode == 2 and "pg_dump" in out.stderr, out.stderr
+    db.dispose()
+    # The server lost the database: a new, empty one in its place, then db rebuild.
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(_pg_url(postgres_server, "postgres"), isolation_level="AUTOCOMMIT")
+    from sqlalchemy.engine import make_url
+
+    name = make_url(postgres_url).database
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    refused = cli(cfg, "run", "--until-idle", "--upgrade", "--listen", "")
+    assert refused.returncode == 2 and "does not know 15 committed stage(s)" in refused.stderr
+    rebuilt = cli(cfg, "db", "rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    db = Database(cfg.database_url, busy_timeout_ms=5000)
+    assert snapshot(db) == before
+    # The sequence moved past the sets kept with their ids: the next set gets a new id.
+    add_pending_group(db, "2025-10-05T13:00:00", calibrator="3C48")
+    run_all(cfg, db)
+    with db.read() as s:
+        from supervisor.models import CalibrationSet
+
+        assert sorted(s.scalars(select(CalibrationSet.id)).all()) == [1, 2]
+    db.dispose()
+
+
+def test_a_backup_that_finds_the_live_database_corrupt_halts_the_daemon(
+    workspace: Path,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from supervisor.db import WritesRefused
+
+    cfg, db = night(workspace)
+    db.dispose()
+    _tear_a_page(database_file(cfg))
+    checksum = sha(database_file(cfg))
+    db = Database(cfg.database_url, busy_timeout_ms=5000)
+    daemon = Daemon(cfg, db, ingest=False)
+    with pytest.raises(backup.BackupError, match="integrity_check|malformed"):
+        daemon._backup()
+    assert daemon.summary.halted and "is corrupt" in daemon.summary.halted
+    assert REGISTRY.get_sample_value("contimg_database_halted", {"reason": "corrupt"}) == 1
+    report = daemon.health_report()
+    assert report["status"] == "unhealthy" and "corrupt" in report["checks"][0]["detail"]
+    with pytest.raises(WritesRefused), db.transaction():
+        pass
+    db.dispose()
+    assert sha(database_file(cfg)) == checksum
+    assert not list(cfg.path("backups").glob(".*tmp"))  # the failed copy left nothing

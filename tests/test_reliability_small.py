@@ -32,6 +32,21 @@ def reliability_keys() -> tuple[str, ...]:
     )
 
 
+def test_database_lost_at_random_moments_loses_replaces_and_reruns_nothing(
+    tmp_path: Path,
+) -> None:
+    figures = reliability.db_loss(tmp_path, n_groups=4, n_losses=5, seed=3)
+    assert figures["db_losses"] == 5 and figures["recoveries"] == 5
+    assert figures["final_exit"] == 0 and figures["check_state_exit"] == 0
+    assert figures["groups"] >= 4 and figures["not_completed"] == 0
+    assert figures["products_checked"] > 0
+    assert (
+        figures["products_lost"],
+        figures["products_replaced"],
+        figures["groups_reprocessed"],
+    ) == (0, 0, 0)
+
+
 def test_two_processes_racing_for_claims_never_share_a_group(tmp_path: Path) -> None:
     got = reliability.claims(f"sqlite:///{tmp_path / 'claims.sqlite3'}", 300, 2)
     assert got["claims"] == 300 and got["double_claims"] == 0 and got["unclaimed"] == 0

@@ -133,6 +133,9 @@ def test_check_state_finds_damage_repairs_it_and_the_pipeline_finishes(
     findings = reconcile.check_state(cfg, sqlite_db, repair=True)
     assert findings and all(f.repaired for f in findings), [f for f in findings if not f.repaired]
     assert not orphan_staging.exists() and not orphan_product.exists()
+    # Never deleted: a product directory nothing accounts for goes to lost+found.
+    kept = next((workspace / "lost+found").iterdir()) / G3 / "preflight" / "preflight.out"
+    assert kept.read_text() == "renamed, never committed"
     with sqlite_db.transaction() as s:
         g1, g3 = s.get(Group, G1), s.get(Group, G3)
         assert (g1.state, g1.stage) == ("pending", "convert")

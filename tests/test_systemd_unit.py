@@ -71,7 +71,15 @@ def test_unit_matches_what_the_daemon_does() -> None:
     assert unit["User"] == ["contimg"] and unit["NoNewPrivileges"] == ["yes"]
     assert unit["ProtectSystem"] == ["strict"] and unit["ReadWritePaths"]
     assert float(unit["TimeoutStopSec"][0]) >= cfg.daemon.drain_budget_s + cfg.daemon.term_grace_s
-    assert unit["ExecStart"][0].endswith("contimg-supervisor run")
+    assert unit["ExecStart"][0].endswith("contimg-supervisor run --upgrade")
+    # Exit 2 (corrupt database, refused start) must not restart-loop: RestartPreventExitStatus
+    # covers ExecStart only, so nothing that can exit 2 runs as ExecStartPre.
+    assert "ExecStartPre" not in unit and unit["RestartPreventExitStatus"] == ["2"]
+    assert cfg.paths.backups.startswith("state/")  # default: inside the workspace
+    production = load_config(
+        Path(__file__).parents[1] / "config" / "production.example.toml", environ={}
+    )
+    assert production.path("backups").as_posix() in unit["ReadWritePaths"][0].split()
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     # The watchdog must outlast a database busy wait and the loop's heartbeat period.
     watchdog = float(unit["WatchdogSec"][0])
