@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -110,6 +111,8 @@ def take(
     when the file was unlinked under it) to ``out``, verify the copy, fsync it and write
     its sidecar. Raises :class:`BackupError`; a failed copy leaves nothing behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, Path):
+        _require_room(source, out.parent)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     own = isinstance(source, Path)
     conn = dbfile.read_only_connection(source) if isinstance(source, Path) else source
@@ -162,6 +165,24 @@ def take(
             conn.close()
     log.info("backup.taken", path=str(out), bytes=meta["bytes"], rows=sum(counts.values()))
     return Backup(out, taken_at, counts, revision, int(meta["bytes"]))
+
+
+def _require_room(database: Path, directory: Path) -> None:
+    """Refuse a backup that would leave less free space than twice the database (with its
+    WAL) where it goes: on the database's own filesystem, a backup must never be what fills
+    it."""
+    size = sum(
+        Path(f"{database}{suffix}").stat().st_size
+        for suffix in ("", "-wal")
+        if Path(f"{database}{suffix}").exists()
+    )
+    free = shutil.disk_usage(directory).free
+    if free < 3 * size:
+        raise BackupError(
+            f"backup to {directory} refused: {free} bytes free, a backup of {database} "
+            f"({size} bytes) needs {size} and leaves {2 * size} for the database to grow "
+            "(No space left for a backup: free space there, or set paths.backups to another disk)"
+        )
 
 
 def verify_file(path: Path, expected_counts: dict[str, int] | None = None) -> str:
