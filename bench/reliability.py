@@ -297,14 +297,16 @@ def db_loss(workdir: Path, n_groups: int, n_losses: int, seed: int) -> dict[str,
                 "WHERE outcome = 'succeeded' GROUP BY group_id, stage"
             )
         }
-    lost = replaced = 0
+    lost: list[str] = []
+    replaced: list[str] = []
     for product, identity in registered.items():
         try:
             st = os.stat(product)
         except FileNotFoundError:
-            lost += 1
+            lost.append(product)
             continue
-        replaced += (st.st_ino, st.st_mtime_ns) != identity
+        if (st.st_ino, st.st_mtime_ns) != identity:
+            replaced.append(product)
     return {
         "db_losses": losses,
         "losses_by_kind": by_kind,
@@ -313,8 +315,9 @@ def db_loss(workdir: Path, n_groups: int, n_losses: int, seed: int) -> dict[str,
         "groups": len(states),
         "not_completed": sum(1 for v in states.values() if v != "completed"),
         "products_checked": len(registered),
-        "products_lost": lost,
-        "products_replaced": replaced,
+        "products_lost": len(lost),
+        "products_replaced": len(replaced),
+        "examples": (lost + replaced)[:5],
         "groups_reprocessed": sum(1 for k, t in committed.items() if tokens.get(k, t) != t),
         "final_exit": final,
         "check_state_exit": state_check,
@@ -348,7 +351,7 @@ def _record(path: Path, committed: dict, registered: dict) -> None:
             "SELECT group_id, stage, max(fencing_token) FROM stage_attempts "
             "WHERE outcome = 'succeeded' GROUP BY group_id, stage"
         ):
-            committed[(g, st)] = t
+            committed.setdefault((g, st), t)  # the first commit seen: no requeues here
         for (product,) in conn.execute("SELECT path FROM artifacts WHERE pruned_at IS NULL"):
             if product not in registered and os.path.exists(product):
                 st = os.stat(product)

@@ -44,6 +44,15 @@ def _load(args: argparse.Namespace) -> Config:
 def _database(cfg: Config, *, require_current: bool = True):  # noqa: ANN202
     from supervisor.db import SCHEMA_REVISION, Database
 
+    path = _sqlite_path(cfg)
+    if require_current and path is not None and not path.exists():
+        # Opening it would create an empty file, which looks like a database that lost
+        # everything: say so instead, without creating anything.
+        raise UsageError(
+            f"there is no database at {path}: `contimg-supervisor db upgrade` creates one; "
+            "after a loss, `db rebuild` or `db restore BACKUP` (README: When the database "
+            "is lost)"
+        )
     db = Database(cfg.database_url, busy_timeout_ms=cfg.database.busy_timeout_ms)
     if require_current:
         current, head = db.schema_revision(), SCHEMA_REVISION

@@ -1,7 +1,8 @@
 """Execute one claimed stage attempt: run the worker on its request (see
 :mod:`supervisor.stage_request`), judge the outcome, and either publish its outputs and
-advance the group in one transaction, or roll back (remove the staging area) and apply the
-failure policy.
+advance the group in one transaction (with a commit manifest of the rows inside the
+published directory, :mod:`supervisor.manifest`), or roll back (remove the staging area)
+and apply the failure policy.
 """
 
 from __future__ import annotations

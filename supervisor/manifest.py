@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -158,7 +159,7 @@ def build(
 def write(directory: Path, data: dict[str, Any]) -> Path:
     """Write ``commit.json`` into ``directory`` atomically (temp file, fsync, rename)."""
     target = directory / NAME
-    tmp = directory / f".{NAME}.{os.getpid()}.tmp"
+    tmp = directory / f".{NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
     payload = json.dumps(data, default=_jsonable, separators=(",", ":")).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from supervisor import manifest, registry
 from supervisor.config import Config
 from supervisor.db import Database, is_sqlite
+from supervisor.leases import Owner
 from supervisor.manifest import Manifest
 from supervisor.models import (
     Artifact,
@@ -104,7 +105,7 @@ class Survey:
         return [f for chain in self.found.values() for f in chain]
 
 
-def _known(db: Database | None) -> dict[str, Known]:
+def _known(db: Database | None, node: str) -> dict[str, Known]:
     if db is None:
         return {}
     out: dict[str, Known] = {}
@@ -117,6 +118,7 @@ def _known(db: Database | None) -> dict[str, Known]:
                 Group.stage,
                 Group.fencing_token,
                 Group.lease_expires_at,
+                Group.lease_owner,
             )
         ).all()
         tokens: dict[str, dict[str, int]] = {}
@@ -134,13 +136,19 @@ def _known(db: Database | None) -> dict[str, Known]:
                 )
             ).all()
         )
-    for group_id, state, stage, token, lease in rows:
+    for group_id, state, stage, token, lease, owner in rows:
         per_stage = tokens.get(group_id, {})
+        # A running group's lease counts only while its owner may be alive: an owner of this
+        # node whose process is gone (a killed daemon, in a restored backup) holds nothing.
+        holder = Owner.parse(owner or "")
+        live = state == State.RUNNING.value and lease is not None and lease >= now
+        if live and holder is not None and holder.provably_dead_here(node):
+            live = False
         out[group_id] = Known(
             state=state,
             stage=stage,
             fencing_token=int(token or 0),
-            lease_live=state == State.RUNNING.value and lease is not None and lease >= now,
+            lease_live=live,
             max_attempt_token=max(per_stage.values(), default=0),
             stage_attempt_tokens=per_stage,
             last_from_state=last_from.get(group_id),
@@ -158,7 +166,7 @@ def survey(cfg: Config, db: Database | None, *, skip_completed: bool = False) ->
     """Compare the products' manifests with the database (None: no database at all).
     ``skip_completed``: do not read the manifests of groups the database has completed
     (the start-up check: a completed group has nothing beyond its checkpoint)."""
-    known = _known(db)
+    known = _known(db, cfg.daemon.node_name or Owner.this_process().node)
     products = cfg.path("products")
     by_group: dict[str, dict[str, Path]] = {}
     for stage_dir in manifest.stage_directories(products):

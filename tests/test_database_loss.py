@@ -598,3 +598,50 @@ def test_a_backup_that_finds_the_live_database_corrupt_halts_the_daemon(
     db.dispose()
     assert sha(database_file(cfg)) == checksum
     assert not list(cfg.path("backups").glob(".*tmp"))  # the failed copy left nothing
+
+
+def test_a_backup_taken_mid_stage_is_brought_forward_without_rerunning_it(
+    workspace: Path,
+) -> None:
+    """The backup holds a group running under a daemon that has since died, its lease not
+    yet expired: the survey must not take that lease for a live one (it did: the group was
+    reaped and its committed stages ran again, replacing their products)."""
+    slow = {"tiers": [{"name": "primary", "params": {"behaviour": "slow_success"}}]}
+    cfg = fake_pipeline_config(workspace, convert=slow)
+    db = Database(cfg.database_url, busy_timeout_ms=5000)
+    migrate.upgrade(db)
+    add_pending_group(db, GROUPS[0], calibrator="3C48")
+    db.dispose()
+    path = database_file(cfg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
+    daemon = subprocess.Popen(
+        [SCRIPT, "--workspace", cfg.workspace, "--config", f"{cfg.workspace}/fake.toml"]
+        + ["run", "--until-idle", "--listen", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    state = None
+    while state != ("running", "convert") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with contextlib.closing(dbfile.read_only_connection(path)) as conn:
+            state = conn.execute("SELECT state, stage FROM groups").fetchone()
+    taken = backup.take(path, workspace / "mid-stage.sqlite3")
+    assert daemon.wait(timeout=120) == 0
+    db = Database(cfg.database_url, busy_timeout_ms=5000)
+    before, files = snapshot(db), products_on_disk(cfg)
+    db.dispose()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(taken.path.read_bytes())  # a careless restore, seconds later
+    refused = cli(cfg, "run", "--until-idle", "--listen", "")
+    assert refused.returncode == 2 and "newer" in refused.stderr, refused.stderr
+    assert cli(cfg, "db", "rebuild").returncode == 0
+    db = Database(cfg.database_url, busy_timeout_ms=5000)
+    attempts = attempts_count(db)
+    assert cli(cfg, "run", "--until-idle", "--listen", "").returncode == 0
+    assert attempts_count(db) == attempts  # nothing that had committed ran again
+    assert products_on_disk(cfg) == files
+    after = snapshot(db)
+    assert after["committed"] == before["committed"] and after["products"] == before["products"]
