@@ -105,30 +105,39 @@ class Survey:
         return [f for chain in self.found.values() for f in chain]
 
 
-def _known(db: Database | None, node: str) -> dict[str, Known]:
+def _known(db: Database | None, node: str, *, skip_completed: bool) -> dict[str, Known]:
+    """What the database knows of each group (``skip_completed``: of the groups that are not
+    completed, a small set, and completed ones only by name: a year of them is ~10^5)."""
     if db is None:
         return {}
     out: dict[str, Known] = {}
+    live_only = Group.state != State.COMPLETED.value
     with db.read() as s:
         now = _db_now(s)
-        rows = s.execute(
-            select(
-                Group.group_id,
-                Group.state,
-                Group.stage,
-                Group.fencing_token,
-                Group.lease_expires_at,
-                Group.lease_owner,
-            )
-        ).all()
+        columns = select(
+            Group.group_id,
+            Group.state,
+            Group.stage,
+            Group.fencing_token,
+            Group.lease_expires_at,
+            Group.lease_owner,
+        )
+        rows = s.execute(columns.where(live_only) if skip_completed else columns).all()
+        if skip_completed:
+            for (group_id,) in s.execute(select(Group.group_id).where(~live_only)):
+                out[group_id] = Known(State.COMPLETED.value, None, 0, False, 0, {}, None)
+        wanted = select(Group.group_id).where(live_only)
         tokens: dict[str, dict[str, int]] = {}
-        for group_id, stage, token in s.execute(
-            select(
-                StageAttempt.group_id, StageAttempt.stage, func.max(StageAttempt.fencing_token)
-            ).group_by(StageAttempt.group_id, StageAttempt.stage)
-        ):
+        attempts = select(
+            StageAttempt.group_id, StageAttempt.stage, func.max(StageAttempt.fencing_token)
+        ).group_by(StageAttempt.group_id, StageAttempt.stage)
+        if skip_completed:
+            attempts = attempts.where(StageAttempt.group_id.in_(wanted))
+        for group_id, stage, token in s.execute(attempts):
             tokens.setdefault(group_id, {})[stage] = int(token)
         last_ids = select(func.max(Transition.id)).group_by(Transition.group_id)
+        if skip_completed:
+            last_ids = last_ids.where(Transition.group_id.in_(wanted))
         last_from = dict(
             s.execute(
                 select(Transition.group_id, Transition.from_state).where(
@@ -166,7 +175,8 @@ def survey(cfg: Config, db: Database | None, *, skip_completed: bool = False) ->
     """Compare the products' manifests with the database (None: no database at all).
     ``skip_completed``: do not read the manifests of groups the database has completed
     (the start-up check: a completed group has nothing beyond its checkpoint)."""
-    known = _known(db, cfg.daemon.node_name or Owner.this_process().node)
+    node = cfg.daemon.node_name or Owner.this_process().node
+    known = _known(db, node, skip_completed=skip_completed)
     products = cfg.path("products")
     by_group: dict[str, dict[str, Path]] = {}
     for stage_dir in manifest.stage_directories(products):
