@@ -53,7 +53,11 @@ def _database(cfg: Config, *, require_current: bool = True):  # noqa: ANN202
             "after a loss, `db rebuild` or `db restore BACKUP` (README: When the database "
             "is lost)"
         )
-    db = Database(cfg.database_url, busy_timeout_ms=cfg.database.busy_timeout_ms)
+    db = Database(
+        cfg.database_url,
+        busy_timeout_ms=cfg.database.busy_timeout_ms,
+        must_exist=require_current,  # a file removed under it is never re-created empty
+    )
     if require_current:
         current, head = db.schema_revision(), SCHEMA_REVISION
         if current != head:

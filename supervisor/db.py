@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     Connection,
@@ -29,15 +30,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(
-    url: str, *, busy_timeout_ms: int = 30000, echo: bool = False, read_only: bool = False
+    url: str,
+    *,
+    busy_timeout_ms: int = 30000,
+    echo: bool = False,
+    read_only: bool = False,
+    must_exist: bool = False,
 ) -> Engine:
     """Create an engine for ``url`` with the pragmas and begin mode described above
-    (``read_only``: SQLite transactions begin DEFERRED and never take the write lock)."""
+    (``read_only``: SQLite transactions begin DEFERRED and never take the write lock;
+    ``must_exist``: a SQLite file that is gone is an error, never silently created anew,
+    e.g. when a pool opens a connection after someone removed the file)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            if must_exist:
+                url = f"sqlite:///file:{quote(str(Path(database).absolute()))}?mode=rw&uri=true"
         engine = create_engine(url, echo=echo, connect_args={"timeout": busy_timeout_ms / 1000})
         _configure_sqlite(engine, busy_timeout_ms, "BEGIN" if read_only else "BEGIN IMMEDIATE")
         return engine
@@ -102,14 +112,14 @@ class WritesRefused(Exception):
 class Database:
     """The state database: an engine plus a session factory with short transactions."""
 
-    def __init__(self, url: str, *, busy_timeout_ms: int = 30000) -> None:
+    def __init__(self, url: str, *, busy_timeout_ms: int = 30000, must_exist: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
+        self.engine = make_engine(url, busy_timeout_ms=busy_timeout_ms, must_exist=must_exist)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: reads that must not queue behind (or hold up) a writer for the write
         # lock; in WAL mode a reader sees the last committed state and blocks nobody.
         self._read_engine = (
-            make_engine(url, busy_timeout_ms=busy_timeout_ms, read_only=True)
+            make_engine(url, busy_timeout_ms=busy_timeout_ms, read_only=True, must_exist=must_exist)
             if is_sqlite(self.engine) and make_url(url).database not in (None, "", ":memory:")
             else self.engine
         )
