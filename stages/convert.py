@@ -256,10 +256,12 @@ def _phase_to_meridian(uvd: Any) -> bool:
 
 
 def _staging_dir(request: dict[str, Any], out: Path) -> Path:
+    """The attempt's tmpfs area when preflight found room there (the supervisor names it and
+    removes it after the attempt, whatever happened), else the output directory."""
     preflight = request.get("upstream_metrics", {}).get("preflight", {})
     tmpfs = request.get("tmpfs_staging")
     if tmpfs and preflight.get("staging") == "tmpfs":
-        path = Path(tmpfs) / f"{out.parent.name}-{out.name}"
+        path = Path(request.get("tmpfs_area") or Path(tmpfs) / f"{out.parent.name}-{out.name}")
         path.mkdir(parents=True, exist_ok=True)
         return path
     return out

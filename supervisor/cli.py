@@ -160,7 +160,10 @@ def _refuse_unknown_commits(cfg: Config, db: Any, *, start_fresh: bool) -> None:
             f"database does not know moved to {reconcile.lost_and_found(cfg)} (nothing deleted)"
         )
         return
-    where = cfg.database_url if db is not None else f"{_sqlite_path(cfg)} (missing)"
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(cfg.database_url).render_as_string(hide_password=True)
+    where = shown if db is not None else f"{_sqlite_path(cfg)} (missing)"
     examples = ", ".join(f.label for f in refusing[:3]) or ", ".join(map(str, legacy[:3]))
     raise UsageError(
         f"the database {where} does not know {len(refusing) + len(legacy)} committed "

@@ -192,13 +192,18 @@ class Daemon:
         self.summary.staging_removed += self.remove_orphan_staging()
 
     def remove_orphan_staging(self) -> int:
-        """Delete staging areas that no running attempt owns (rollback after a crash)."""
-        staging = self.cfg.path("staging")
-        if not staging.is_dir():
-            return 0
+        """Delete staging areas, on disk and in tmpfs, that no running attempt owns
+        (rollback after a crash)."""
         with self.db.transaction() as s:
             live = reconcile.live_staging_areas(s)
         removed = 0
+        for area in reconcile.orphan_tmpfs_areas(self.cfg, live):
+            shutil.rmtree(area, ignore_errors=True)
+            removed += 1
+            log.info("recover.tmpfs_staging_removed", path=str(area))
+        staging = self.cfg.path("staging")
+        if not staging.is_dir():
+            return removed
         for group_dir in staging.iterdir():
             if not group_dir.is_dir():
                 continue

@@ -167,6 +167,8 @@ class StageExecutor:
         finally:
             shutil.rmtree(paths.output_dir, ignore_errors=True)  # rollback (no-op if published)
             _remove_if_empty(paths.output_dir.parent)
+            if paths.tmpfs_area is not None:  # a worker that failed or was killed mid-write
+                shutil.rmtree(paths.tmpfs_area, ignore_errors=True)
 
     # Pieces --------------------------------------------------------------------------
     def _choose_calibration(self, claim: Claim) -> tuple[Claim, CalibrationPlan] | None:

@@ -2,9 +2,10 @@
 state-check job, report only) lists every disagreement; ``--repair`` does what is safe.
 
 Found: committed outputs (MS, calibration tables, images) missing or of another size than
-their rows; calibration tables that vanished; product directories and staging areas that
-no row owns (including a daemon that died between renaming a staging area into place and
-its commit); groups running past their lease; attempts ``running`` whose owner is gone.
+their rows; calibration tables that vanished; product directories and staging areas (on
+disk and in tmpfs) that no row owns (including a daemon that died between renaming a
+staging area into place and its commit); groups running past their lease; attempts
+``running`` whose owner is gone.
 
 Repaired (``--repair``; a dry run is the default): a group whose outputs are damaged is
 requeued from the earliest stage whose outputs are not intact; a calibration set whose
@@ -77,6 +78,25 @@ def live_staging_areas(s: Session) -> set[tuple[str, str]]:
         (a.group_id, f"{a.stage}-t{a.fencing_token}")
         for a in s.scalars(select(StageAttempt).where(StageAttempt.outcome == "running"))
     }
+
+
+def orphan_tmpfs_areas(cfg: Config, live: set[tuple[str, str]]) -> list[Path]:
+    """Attempt areas in tmpfs staging that no running attempt owns (a convert killed
+    mid-write, or a daemon that died): RAM nobody will free. Entries not named like an
+    attempt's area are not ours and are left alone."""
+    from supervisor.stage_request import tmpfs_owner
+
+    if not cfg.paths.tmpfs_staging:
+        return []
+    root = cfg.path("tmpfs_staging")
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in sorted(root.iterdir()):
+        owner = tmpfs_owner(entry.name)
+        if owner is not None and owner not in live:
+            out.append(entry)
+    return out
 
 
 def artifact_size(path: Path) -> int:
@@ -239,6 +259,20 @@ def _orphan_dirs(cfg: Config, db: Database, repair: bool) -> list[Finding]:
                         repair,
                     )
                 )
+    for area in orphan_tmpfs_areas(cfg, live):
+        found.append(
+            _remove(
+                Finding(
+                    "orphan_staging",
+                    f"tmpfs staging area {area} belongs to no running attempt",
+                    "remove it (it holds RAM)",
+                    group_id=area.name[:19],
+                    path=str(area),
+                ),
+                area,
+                repair,
+            )
+        )
     found += _unowned_products(cfg, db, owned, running, repair)
     return found
 

@@ -9,6 +9,7 @@ outputs, and is renamed to ``products/<group>/<stage>/`` on success or deleted o
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ class AttemptPaths:
     workdir: Path  # request, result, logs: kept
     output_dir: Path  # staging: published or removed
     final_dir: Path  # where a successful output_dir goes
+    # The attempt's own area in tmpfs staging (None: not configured), removed with the
+    # staging area whatever the worker did: RAM that leaks fills the node.
+    tmpfs_area: Path | None = None
 
     @property
     def request(self) -> Path:
@@ -67,11 +71,26 @@ _ARTIFACTS = (
 
 
 def attempt_paths(cfg: Config, claim: Claim) -> AttemptPaths:
+    area = f"{claim.stage}-t{claim.fencing_token}"
     return AttemptPaths(
         workdir=cfg.path("logs") / claim.group_id / claim.stage / f"t{claim.fencing_token}",
-        output_dir=cfg.path("staging") / claim.group_id / f"{claim.stage}-t{claim.fencing_token}",
+        output_dir=cfg.path("staging") / claim.group_id / area,
         final_dir=cfg.path("products") / claim.group_id / claim.stage,
+        tmpfs_area=tmpfs_area(cfg, claim.group_id, area),
     )
+
+
+def tmpfs_area(cfg: Config, group_id: str, area: str) -> Path | None:
+    """``<tmpfs_staging>/<group>-<stage>-t<token>``: one attempt's area in tmpfs."""
+    if not cfg.paths.tmpfs_staging:
+        return None
+    return cfg.path("tmpfs_staging") / f"{group_id}-{area}"
+
+
+def tmpfs_owner(name: str) -> tuple[str, str] | None:
+    """(group, staging area name) of a tmpfs area's name (None: not one of ours)."""
+    match = re.fullmatch(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})-(\w+-t\d+)", name)
+    return (match.group(1), match.group(2)) if match else None
 
 
 def build_request(
@@ -104,6 +123,7 @@ def build_request(
         **extras,
         "upstream_metrics": upstream,
         "tmpfs_staging": str(tmpfs) if tmpfs else None,
+        "tmpfs_area": str(paths.tmpfs_area) if paths.tmpfs_area else None,
         "group_id": claim.group_id,
         "stage": claim.stage,
         "attempt": claim.attempt,

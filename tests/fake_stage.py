@@ -3,6 +3,7 @@
 succeed | raise | classified | hang | ignore_sigterm | grandchild | signal | garbage |
 no_result | slow_success | bad_artifact | result_then_segv | spin | allocate; ``sequence``
 picks one per attempt.
+``use_tmpfs`` writes into the attempt's tmpfs area first, as convert does.
 A calibrate request's plan is echoed in the metrics; ``solve_gate = "fail"`` makes a solve
 report metrics that fail the calibrate gate.
 """
@@ -67,6 +68,10 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         behaviour = steps[min(request["attempt"], len(steps)) - 1]
     out = Path(request["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    if params.get("use_tmpfs") and request.get("tmpfs_area"):  # as convert stages its MS
+        area = Path(request["tmpfs_area"])
+        area.mkdir(parents=True, exist_ok=True)
+        (area / "table.f0").write_bytes(b"\0" * 65536)
     marker = out / f"{request['stage']}.out"
     if behaviour in ("partial", "raise", "hang", "ignore_sigterm", "grandchild", "signal"):
         marker.write_text("partial output that must be rolled back")
