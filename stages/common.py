@@ -22,6 +22,20 @@ PB_FWHM_FACTOR = 1.03  # Airy main lobe: FWHM = 1.03 lambda / D
 REQUIRED_MS_COLUMNS = ("DATA", "UVW", "ANTENNA1", "ANTENNA2", "TIME", "FLAG")
 
 
+# errno values that say the storage failed (a FUSE or network mount, a disk), not the data:
+# EIO, ESTALE, ENOTCONN, EHOSTDOWN, EHOSTUNREACH, ETIMEDOUT, ENODEV, ENXIO.
+STORAGE_ERRNOS = frozenset({5, 116, 107, 112, 113, 110, 19, 6})
+
+
+def storage_failed(exc: BaseException) -> bool:
+    """True when ``exc`` (an OSError, or HDF5's wrapping of one, which keeps only the text)
+    is an I/O error of the storage rather than a defect of the file."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return True
+    text = str(exc)
+    return any(f"errno = {n}," in text or os.strerror(n) in text for n in STORAGE_ERRNOS)
+
+
 def quiet_astropy() -> None:
     """Offline machines: never try to download IERS tables; silence the noise about it."""
     warnings.filterwarnings("ignore", message=".*dubious year.*")

@@ -16,6 +16,7 @@ from stages.common import (
     free_bytes,
     ordered_subband_files,
     quiet_astropy,
+    storage_failed,
 )
 from stages.protocol import StageFailure, run, write_json_atomic
 
@@ -35,6 +36,13 @@ def stage(request: dict[str, Any]) -> dict[str, Any]:
         try:
             uvd.read(path, file_type="uvh5", read_data=False, run_check=False)
         except (OSError, ValueError, KeyError) as exc:
+            if storage_failed(exc):  # the mount failed, not the file: never quarantine for it
+                raise StageFailure(
+                    "retryable",
+                    "storage_unavailable",
+                    f"{path}: the incoming storage failed while reading it: {exc}",
+                    "an outage of the raw-data mount; retried with backoff",
+                ) from exc
             raise StageFailure(
                 "validation",
                 "unreadable_subband",

@@ -509,8 +509,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             problems=[str(p) for p in problems],
             fix=writable.chown_hint(p.path for p in problems),
         )
-    if not cfg.incoming_dir.is_dir():
-        raise UsageError(f"incoming directory {cfg.incoming_dir} does not exist (paths.incoming)")
+    from supervisor import incoming
+
+    state = incoming.look(cfg)
+    if not state.ok:
+        # The raw-data mount is out (or not mounted yet): the daemon starts and waits for it,
+        # health unhealthy, work that does not read raw files carrying on.
+        structlog.get_logger("supervisor.ingest").error(
+            "ingest.incoming_unavailable", path=str(state.path), reason=state.detail
+        )
     daemon = Daemon(
         cfg,
         db,

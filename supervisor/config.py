@@ -87,6 +87,12 @@ class IngestConfig:
     future_tolerance_s: float = _field(
         86400.0, min=0, help="a file named this far in the future is rejected (clock skew)"
     )
+    incoming_is_mount: bool = _field(
+        False, help="incoming must be a mount point (the raw-data disk): health says when not"
+    )
+    io_timeout_s: float = _field(
+        10.0, min=0, exclusive_min=True, help="a look at incoming that takes longer: an outage"
+    )
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from supervisor import (
     dbfile,
     faults,
     health,
+    incoming,
     metrics,
     reconcile,
     retention,
@@ -160,6 +161,7 @@ class Daemon:
         self._db_path = dbfile.sqlite_file(db.url)
         self._db_identity = dbfile.file_identity(self._db_path) if self._db_path else None
         self._backup_lock = threading.Lock()
+        self._incoming_problem: str | None = None  # why the incoming mount is unusable
         for reason in metrics.DATABASE_HALT_REASONS:  # exported from the start, at 0
             metrics.DATABASE_HALTED.labels(reason).set(0)
         for result in ("ok", "failed"):
@@ -673,10 +675,28 @@ class Daemon:
 
     def _ingest(self) -> None:
         assert self.ingestor is not None
+        if not self._incoming_ok():
+            return  # an outage of the raw-data storage: nothing to scan, nothing to blame
         with self._ingest_lock:  # the idle check scans too; never two scans at once
             report = self.ingestor.scan()
         if report.groups_pending:
             self.wake.set()
+
+    def _incoming_ok(self) -> bool:
+        """Look at the incoming mount (bounded by ingest.io_timeout_s); while it is out,
+        stages that read raw files are refused by admission (intake paused, resource
+        "incoming") and health is unhealthy; said once when it goes and when it is back."""
+        state = incoming.look(self.cfg)
+        before = self._incoming_problem
+        self._incoming_problem = None if state.ok else state.detail
+        self.admission.set_unavailable("incoming", self._incoming_problem)
+        metrics.INCOMING_AVAILABLE.set(1 if state.ok else 0)
+        if state.ok and before is not None:
+            log.info("ingest.incoming_back", path=str(state.path))
+            self.wake.set()
+        elif not state.ok and before is None:
+            log.error("ingest.incoming_unavailable", path=str(state.path), reason=state.detail)
+        return state.ok
 
     def _reap(self) -> None:
         with self._claim_lock:
@@ -841,7 +861,7 @@ class Daemon:
     def _work_remains(self) -> bool:
         """Anything runnable, running or waiting to retry (ingest settling counts too).
         Runs the housekeeping jobs first, so that an idle decision is never stale."""
-        if self.ingestor is not None:
+        if self.ingestor is not None and self._incoming_ok():
             with self._ingest_lock:
                 settling = self.ingestor.run_once().settling
             if settling:

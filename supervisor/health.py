@@ -1,8 +1,8 @@
 """The health report, the same for ``contimg-supervisor health`` and ``GET /healthz``:
 scheduling-loop liveness, database writable, disk and tmpfs headroom, workspace directories
-this process can write, paused intake, time since the last good calibration, and the backlog
-(oldest runnable group) against the 309 s cadence. Each check is ok, degraded or unhealthy;
-the report is the worst of them (exit codes 0, 1, 2).
+this process can write, the incoming mount, paused intake, time since the last good
+calibration, and the backlog (oldest runnable group) against the 309 s cadence. Each check
+is ok, degraded or unhealthy; the report is the worst of them (exit codes 0, 1, 2).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
     checks.append(_intake(live, record))
     checks += _disk(cfg)
     checks.append(_writable(cfg))
+    checks.append(_incoming(cfg))
     checks += _database_file(cfg, live)
     worst = max((c.status for c in checks), key=LEVELS.__getitem__)
     return {
@@ -89,6 +90,15 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
         "at": now.isoformat() if now else None,
         "checks": [c.as_dict() for c in checks],
     }
+
+
+def _incoming(cfg: Config) -> Check:
+    """The raw-data mount: there, a directory, listable (a mount point when configured),
+    answering within ingest.io_timeout_s. Unhealthy while not: no data can come in."""
+    from supervisor import incoming
+
+    state = incoming.look(cfg)
+    return Check("incoming", "ok" if state.ok else "unhealthy", state.detail)
 
 
 def corrupt_report(cfg: Config, detail: str) -> dict[str, Any]:

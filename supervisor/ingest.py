@@ -33,6 +33,7 @@ from supervisor.calibrators import (
 from supervisor.config import Config
 from supervisor.db import Database
 from supervisor.errors import Category, Failure
+from supervisor.incoming import is_storage_failure
 from supervisor.models import Group, SubbandFile, utcnow
 from supervisor.states import Actor, Stage, State, create_group, transition
 
@@ -229,6 +230,17 @@ def inspect_uvh5(path: str) -> Inspection:
         )
     except OSError as exc:
         text = str(exc)
+        if is_storage_failure(exc):  # the mount failed, not the file: look again later
+            return Inspection(
+                failure=Failure(
+                    Category.RETRYABLE,
+                    "storage_unavailable",
+                    f"{path}: the incoming storage failed while reading it ({text})",
+                    "an outage of the raw-data mount (FUSE, network): re-examined when it "
+                    "answers again; check the mount",
+                    path,
+                )
+            )
         if "truncated file" in text:
             return Inspection(
                 failure=_reject(

@@ -118,7 +118,12 @@ BACKUPS = Counter(
     "contimg_database_backups_total", "Online backups taken by the backup job", ["result"]
 )
 DATABASE_HALT_REASONS = ("corrupt", "unlinked")
-RESOURCE_RESOURCES = ("memory", "disk", "file descriptors")
+RESOURCE_RESOURCES = ("memory", "disk", "file descriptors", "incoming")
+INCOMING_AVAILABLE = Gauge(
+    "contimg_incoming_available",
+    "1 while the incoming directory answers, is a directory, can be listed (and is a mount "
+    "point when ingest.incoming_is_mount); 0 during an outage of the raw-data storage",
+)
 
 
 class QueueCollector(Collector):

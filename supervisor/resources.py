@@ -67,6 +67,10 @@ class Probe:
         )
 
 
+# Stages whose workers read the raw files in incoming (paused while the mount is out).
+RAW_READERS = ("preflight", "convert")
+
+
 def existing_ancestor(path: Path) -> Path:
     """The nearest existing ancestor (a fresh workspace has no products directory yet)."""
     while not path.exists() and path.parent != path:
@@ -101,6 +105,16 @@ class Admission:
     _paused: dict[str, list[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     last: Reading | None = None
+    # Resources the daemon found unavailable (resource -> why), e.g. the incoming mount:
+    # stages that read from them are refused like a full disk until it is back.
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def set_unavailable(self, resource: str, why: str | None) -> None:
+        with self._lock:
+            if why:
+                self.unavailable[resource] = why
+            else:
+                self.unavailable.pop(resource, None)
 
     def memory_budget_bytes(self, reading: Reading) -> int:
         budget = self.cfg.resources.memory_budget_gb * GB
@@ -134,6 +148,10 @@ class Admission:
             )
         if reading.fds_free < res.min_free_fds:
             out.append(f"file descriptors: {reading.fds_free} free, {res.min_free_fds} required")
+        with self._lock:
+            incoming = self.unavailable.get("incoming")
+        if incoming and stage in RAW_READERS:
+            out.append(f"incoming: {incoming}")
         return out
 
     def check(self, stage: str, input_bytes: int) -> list[str]:

@@ -161,7 +161,7 @@ def fake_pipeline_config(workspace: Path, settings: dict | None = None, **stages
         merged.setdefault(section, {}).update(values)
     for section, values in merged.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {v!r}" for k, v in values.items()]
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
     for name in ("preflight", "convert", "calibrate", "image", "register"):
         spec = {"module": "tests.fake_stage", "timeout_s": 20.0, **stages.get(name, {})}
         lines.append(f"[stages.{name}]")
