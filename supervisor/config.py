@@ -295,6 +295,9 @@ class HealthConfig:
         300.0, min=0, exclusive_min=True, help="periodic check-state (report only)"
     )
     calibration_warn_h: float = _field(24.0, min=0, help="no good calibration for this long")
+    no_data_warn_s: float = _field(
+        618.0, min=0, exclusive_min=True, help="no raw file seen for this long: degraded"
+    )
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
         snap = queue_snapshot(db)  # the same figures /metrics exports
         checks.append(_backlog(cfg, snap))
         checks.append(_calibration(cfg, snap))
+        checks.append(_arrivals(cfg, snap))
     checks.append(_loop(cfg, live, record, now, node))
     checks.append(_intake(live, record))
     checks += _disk(cfg)
@@ -90,6 +91,21 @@ def report(cfg: Config, db: Database, live: LiveLoop | None = None) -> dict[str,
         "at": now.isoformat() if now else None,
         "checks": [c.as_dict() for c in checks],
     }
+
+
+def _arrivals(cfg: Config, snap: dict[str, Any]) -> Check:
+    """Data arriving: the telescope drift-scans around the clock, so silence is a fault."""
+    age = snap.get("seconds_since_last_file")
+    if age is None:
+        return Check("arrivals", "ok", "no raw file seen yet")
+    limit = cfg.health.no_data_warn_s
+    missing = {sb: n for sb, n in snap.get("subband_missing_groups", {}).items() if n}
+    detail = f"newest raw file seen {age:.0f} s ago (limit {limit:g} s)"
+    if missing:
+        detail += "; missing from the newest groups: " + ", ".join(
+            f"sb{sb:02d} x{n}" for sb, n in sorted(missing.items())
+        )
+    return Check("arrivals", "ok" if age <= limit else "degraded", detail, age)
 
 
 def _incoming(cfg: Config) -> Check:

@@ -24,6 +24,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from supervisor import metrics
 from supervisor.calibrators import (
     INTEGRATION_S,
     Calibrator,
@@ -587,6 +588,7 @@ class Ingestor:
                 transition(
                     s, group, State.QUARANTINED, now=now, actor=INGEST_ACTOR, failure=failure
                 )
+                metrics.ATTEMPTS.labels("ingest", "quarantined").inc()
                 log.warning(
                     "ingest.group_quarantined",
                     group_id=group.group_id,

@@ -181,6 +181,22 @@ class QueueCollector(Collector):
             "Running groups whose lease expired (the reaper should take them)",
             snap["leases_expired"],
         )
+        if snap.get("seconds_since_last_file") is not None:
+            yield _gauge(
+                "contimg_seconds_since_last_file",
+                "Time since the newest raw subband file was first seen (the telescope writes "
+                "one group every 309 s, around the clock)",
+                snap["seconds_since_last_file"],
+            )
+        missing = GaugeMetricFamily(
+            "contimg_subband_missing_groups",
+            "Newest groups in a row (of the last 24 that stopped collecting) without a ready "
+            "file of this subband",
+            labels=["subband"],
+        )
+        for subband, count in sorted(snap.get("subband_missing_groups", {}).items()):
+            missing.add_metric([f"{subband:02d}"], count)
+        yield missing
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -103,10 +103,11 @@ def collect_status(db: Database, limit: int = 20) -> dict[str, Any]:
         }
 
 
-def queue_snapshot(db: Database) -> dict[str, Any]:
+def queue_snapshot(db: Database, n_subbands: int = 16) -> dict[str, Any]:
     """What the metrics say about the queue, from the database (on its clock): groups per
     state, age of the oldest runnable group, completions in the last hour, age of the
-    newest usable calibration set, running groups past their lease."""
+    newest usable calibration set, running groups past their lease, time since the newest
+    raw file was seen, and how many recent groups each subband has been missing from."""
     from datetime import timedelta
 
     from supervisor.leases import database_now
@@ -133,10 +134,53 @@ def queue_snapshot(db: Database) -> dict[str, Any]:
                 Group.lease_expires_at < now,
             )
         )
+        # The newest file row (the id, not a scan of first_seen_at: a year is ~10^6 rows).
+        last_file = s.scalar(
+            select(SubbandFile.first_seen_at).order_by(SubbandFile.id.desc()).limit(1)
+        )
+        missing = _subband_missing_groups(s, n_subbands)
     return {
         "states": {state.value: int(counts.get(state.value, 0)) for state in State},
         "queue_lag_s": (now - oldest).total_seconds() if oldest else 0.0,
         "completed_last_hour": int(completed or 0),
         "calibration_age_s": (now - newest_cal).total_seconds() if newest_cal else None,
         "leases_expired": int(expired or 0),
+        "seconds_since_last_file": (now - last_file).total_seconds() if last_file else None,
+        "subband_missing_groups": missing,
     }
+
+
+RECENT_GROUPS = 24  # two hours of the sky
+
+
+def _subband_missing_groups(s: Any, n_subbands: int) -> dict[int, int]:
+    """For each subband, how many of the newest groups that stopped collecting (up to
+    RECENT_GROUPS) lack a ready file of it, counted back from the newest until one has it:
+    a correlator node down shows as a subband whose count grows by one per group."""
+    newest = (
+        s.execute(
+            select(Group.group_id)
+            .where(Group.state != State.COLLECTING.value)
+            .order_by(Group.obs_start.desc())
+            .limit(RECENT_GROUPS)
+        )
+        .scalars()
+        .all()
+    )
+    present: dict[str, set[int]] = {g: set() for g in newest}
+    if newest:
+        for group_id, subband in s.execute(
+            select(SubbandFile.group_id, SubbandFile.subband).where(
+                SubbandFile.group_id.in_(newest), SubbandFile.status == "ready"
+            )
+        ):
+            present[group_id].add(int(subband))
+    out = {}
+    for sb in range(n_subbands):
+        run = 0
+        for g in newest:
+            if sb in present[g]:
+                break
+            run += 1
+        out[sb] = run
+    return out
