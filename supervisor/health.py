@@ -97,9 +97,10 @@ def _arrivals(cfg: Config, snap: dict[str, Any]) -> Check:
     """Data arriving: the telescope drift-scans around the clock, so silence is a fault."""
     age = snap.get("seconds_since_last_file")
     if age is None:
-        return Check("arrivals", "ok", "no raw file seen yet")
+        return Check("arrivals", "ok", "no raw file seen yet, and no daemon has run")
     limit = cfg.health.no_data_warn_s
     missing = {sb: n for sb, n in snap.get("subband_missing_groups", {}).items() if n}
+    # (a node that never saw a file counts from its newest daemon's start: status.py)
     detail = f"newest raw file seen {age:.0f} s ago (limit {limit:g} s)"
     if missing:
         detail += "; missing from the newest groups: " + ", ".join(

@@ -184,8 +184,9 @@ class QueueCollector(Collector):
         if snap.get("seconds_since_last_file") is not None:
             yield _gauge(
                 "contimg_seconds_since_last_file",
-                "Time since the newest raw subband file was first seen (the telescope writes "
-                "one group every 309 s, around the clock)",
+                "Time since the newest raw subband file was first seen, or since the newest "
+                "daemon started when none ever was (the telescope writes a group every 309 s, "
+                "around the clock)",
                 snap["seconds_since_last_file"],
             )
         missing = GaugeMetricFamily(

@@ -107,7 +107,9 @@ def queue_snapshot(db: Database, n_subbands: int = 16) -> dict[str, Any]:
     """What the metrics say about the queue, from the database (on its clock): groups per
     state, age of the oldest runnable group, completions in the last hour, age of the
     newest usable calibration set, running groups past their lease, time since the newest
-    raw file was seen, and how many recent groups each subband has been missing from."""
+    raw file was seen (since the newest daemon started, when none ever was: a node that
+    never receives data is as silent as one that stopped), and how many recent groups each
+    subband has been missing from."""
     from datetime import timedelta
 
     from supervisor.leases import database_now
@@ -138,6 +140,8 @@ def queue_snapshot(db: Database, n_subbands: int = 16) -> dict[str, Any]:
         last_file = s.scalar(
             select(SubbandFile.first_seen_at).order_by(SubbandFile.id.desc()).limit(1)
         )
+        if last_file is None:  # never a file: silence counts from the newest daemon's start
+            last_file = s.scalar(select(func.max(DaemonRecord.started_at)))
         missing = _subband_missing_groups(s, n_subbands)
     return {
         "states": {state.value: int(counts.get(state.value, 0)) for state in State},
