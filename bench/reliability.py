@@ -82,6 +82,7 @@ def chaos(workdir: Path, n_groups: int, n_kills: int, seed: int) -> dict[str, in
     log = (ws / "daemon.log").open("ab")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
     cmd = [SCRIPT, "--workspace", str(ws), "--config", str(ws / "fake.toml"), "run", "--until-idle"]
+    cmd += ["--listen", "127.0.0.1:0"]  # the listener runs, on a port nothing else wants
     while kills < n_kills:
         runs += 1
         env = dict(base_env, CONTIMG_KILL_SEED=str(seed * 100_003 + runs))
