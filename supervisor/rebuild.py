@@ -91,8 +91,9 @@ class Survey:
     """The disk against the database.
 
     found: group -> its stage commits beyond the database's checkpoint, in stage order.
-    legacy: stage directories of groups the database does not know, without a manifest
-    (written before manifests existed): not rebuildable, but proof of a populated workspace.
+    legacy: stage directories of groups the database does not know that no trusted chain
+    describes (written before manifests existed, or a chain broken at its first stage): not
+    rebuildable, but proof of a populated workspace.
     """
 
     found: dict[str, list[Found]] = field(default_factory=dict)
@@ -191,12 +192,14 @@ def survey(cfg: Config, db: Database | None, *, skip_completed: bool = False) ->
             m = manifest.read(directory)
             if m is not None and m.stage == stage_name and m.group_id == group_id:
                 manifests[stage_name] = m
-        if k is None and not manifests:
-            out.legacy.extend(dirs[name] for name in sorted(dirs))
-            continue
-        chain = _chain(manifests, k)
+        chain = _chain(manifests, k) if manifests else []
         if chain:
             out.found[group_id] = chain
+        elif k is None:
+            # Products of a group the database does not know, and nothing rebuildable:
+            # written before manifests existed, or a chain broken at its first stage. Proof
+            # of a populated workspace all the same.
+            out.legacy.extend(dirs[name] for name in sorted(dirs))
     return out
 
 
