@@ -84,14 +84,6 @@ def _revision(conn: sqlite3.Connection) -> str | None:
     return None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -130,9 +122,9 @@ def take(
         problems = verify_file(tmp, counts)
         if problems:
             raise BackupError(f"backup copy {tmp} failed verification: {problems}")
-        _fsync(tmp)
+        dbfile.fsync_path(tmp)
         tmp.replace(out)
-        dbfile.fsync_directory(out.parent)
+        dbfile.fsync_path(out.parent)
         meta = {
             "taken_at": taken_at.isoformat(),
             "source": source_name or (str(source) if isinstance(source, Path) else "connection"),
@@ -145,9 +137,9 @@ def take(
         sidecar = _sidecar(out)
         sidecar_tmp = sidecar.with_name(f".{sidecar.name}.tmp")
         sidecar_tmp.write_text(json.dumps(meta, indent=1))
-        _fsync(sidecar_tmp)
+        dbfile.fsync_path(sidecar_tmp)
         sidecar_tmp.replace(sidecar)
-        dbfile.fsync_directory(out.parent)
+        dbfile.fsync_path(out.parent)
     except (OSError, sqlite3.Error) as exc:
         for leftover in (tmp, out, _sidecar(out)):
             with contextlib.suppress(OSError):
@@ -291,7 +283,7 @@ def restore(backup_path: Path, database: Path, *, now: datetime | None = None) -
         os.fsync(dst.fileno())
     moved = dbfile.set_aside(database, now=now, why="before-restore")
     tmp.replace(database)
-    dbfile.fsync_directory(database.parent)
+    dbfile.fsync_path(database.parent)
     log.info("backup.restored", backup=str(backup_path), database=str(database), set_aside=moved)
     return [Path(p) for p in moved]
 

@@ -150,12 +150,13 @@ def set_aside(path: Path, *, now: datetime | None = None, why: str = "damaged") 
             n += 1
         src.rename(dst)
         moved.append(dst)
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
     return moved
 
 
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so that a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

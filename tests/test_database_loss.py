@@ -46,6 +46,17 @@ def cli(cfg: Config, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def start_daemon(cfg: Config, **popen: Any) -> subprocess.Popen:
+    """``run --until-idle`` as its own process (no listener), as systemd would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
+    return subprocess.Popen(
+        [SCRIPT, "--workspace", cfg.workspace, "--config", f"{cfg.workspace}/fake.toml"]
+        + ["run", "--until-idle", "--listen", ""],
+        env=env,
+        **popen,
+    )
+
+
 def run_all(cfg: Config, db: Database) -> Daemon:
     daemon = Daemon(cfg, db, ingest=False, rng=random.Random(0))
     daemon.run(until_idle=True)
@@ -383,15 +394,7 @@ def test_a_database_removed_under_the_daemon_halts_it_with_a_backup(workspace: P
     add_pending_group(db, GROUPS[0], calibrator="3C48")
     db.dispose()
     path = database_file(cfg)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
-    daemon = subprocess.Popen(
-        [SCRIPT, "--workspace", cfg.workspace, "--config", f"{cfg.workspace}/fake.toml"]
-        + ["run", "--until-idle", "--listen", ""],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    daemon = start_daemon(cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         stage = None
@@ -613,14 +616,7 @@ def test_a_backup_taken_mid_stage_is_brought_forward_without_rerunning_it(
     add_pending_group(db, GROUPS[0], calibrator="3C48")
     db.dispose()
     path = database_file(cfg)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
-    daemon = subprocess.Popen(
-        [SCRIPT, "--workspace", cfg.workspace, "--config", f"{cfg.workspace}/fake.toml"]
-        + ["run", "--until-idle", "--listen", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    daemon = start_daemon(cfg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     state = None
     while state != ("running", "convert") and time.monotonic() < deadline:
